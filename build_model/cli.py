@@ -1,0 +1,223 @@
+"""`build-model`: one command for the whole pipeline, one sub-command per stage.
+
+Stages read and write files in a work folder (`--workdir`, default
+`<out>.work`), so each can run alone, and a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+from edge_agent.preprocess import Preprocessing
+
+from .train import TrainConfig
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def workdir_for(out: Path, workdir: Path | None) -> Path:
+    return workdir or out.with_name(out.name + ".work")
+
+
+def data_and_split(data: Path, out: Path, seed: int):
+    from .data import grouped_split, load_dataset, read_split, write_split
+
+    ds = load_dataset(data)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "split.csv"
+    if path.exists():
+        split = read_split(path, ds)
+    else:
+        split = grouped_split(ds, seed=seed)
+        write_split(path, ds, split)
+    return ds, split
+
+
+common_train = [
+    click.option("--data", type=click.Path(path_type=Path), required=True, help="HAM10000 folder, class-per-subfolder folder, or MedMNIST .npz"),
+    click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle folder to write"),
+    click.option("--workdir", type=click.Path(path_type=Path), default=None, help="checkpoints and intermediate files (default: <out>.work)"),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
+
+
+def with_options(opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def train_options(f):
+    for fld in reversed([f for f in fields(TrainConfig) if f.name != "seed"]):
+        f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=type(fld.default),
+                         default=None, help=f"default {fld.default}")(f)
+    return f
+
+
+def make_config(seed: int, overrides: dict) -> TrainConfig:
+    vals = {k: v for k, v in overrides.items() if v is not None and k in TrainConfig.__dataclass_fields__}
+    vals.setdefault("seed", seed)
+    return TrainConfig(**vals)
+
+
+@click.group()
+def main() -> None:
+    """Build, check and benchmark the screening model bundle."""
+
+
+@main.command()
+@with_options(common_train)
+@train_options
+@click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
+def train(data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool, **kw) -> None:
+    """Fine-tune EfficientNet-Lite0 (resumes from <workdir>/last.pt)."""
+    from .train import train as run
+
+    cfg = make_config(seed, kw)
+    ds, split = data_and_split(data, out, seed)
+    pre = Preprocessing(input_size=cfg.image_size)
+    _padding(workdir_for(out, workdir), cfg.image_size)
+    best = run(ds, split, workdir_for(out, workdir), cfg, pre, resume=not no_resume, log=_log)
+    _log(f"best checkpoint: {best}")
+
+
+def _stage_args(data: Path, out: Path, workdir: Path | None, seed: int):
+    ds, split = data_and_split(data, out, seed)
+    return ds, split, workdir_for(out, workdir)
+
+
+@main.command()
+@with_options(common_train)
+def export(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
+    """Export best.pt to ONNX (opset 17, dynamic batch) and check parity with PyTorch."""
+    from .stages import export as run
+
+    ds, split, work = _stage_args(data, out, workdir, seed)
+    run(ds, split, work, _log)
+
+
+@main.command()
+@with_options(common_train)
+@click.option("--calib-size", type=int, default=256, show_default=True, help="calibration images (training split, stratified)")
+def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size: int) -> None:
+    """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range on the validation split."""
+    from .stages import quantize_stage
+
+    ds, split, work = _stage_args(data, out, workdir, seed)
+    quantize_stage(ds, split, work, _log, calib_size, seed)
+
+
+@main.command()
+@with_options(common_train)
+def validate(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
+    """Gate INT8 against FP32 on the test split; fit temperature and review thresholds on validation."""
+    from .stages import validate as run
+
+    ds, split, work = _stage_args(data, out, workdir, seed)
+    run(ds, split, work, _log, seed)
+
+
+@main.command()
+@with_options(common_train)
+def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
+    """Write the bundle folder (ONNX files, split, report.md, manifest.json) and verify it."""
+    from .stages import bundle as run
+
+    ds, split, work = _stage_args(data, out, workdir, seed)
+    run(ds, split, work, out, _command_line(), _log)
+    _verify_or_exit(out)
+
+
+@main.command()
+@with_options(common_train)
+@train_options
+@click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
+@click.option("--calib-size", type=int, default=256, show_default=True)
+@click.pass_context
+def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
+        calib_size: int, **kw) -> None:
+    """Run every stage: train, export, quantize, validate, bundle (each resumes or redoes its part)."""
+    from . import stages
+
+    cfg = make_config(seed, kw)
+    ds, split = data_and_split(data, out, seed)
+    work = workdir_for(out, workdir)
+    _padding(work, cfg.image_size)
+    from .train import train as run_train
+
+    run_train(ds, split, work, cfg, Preprocessing(input_size=cfg.image_size), resume=not no_resume, log=_log)
+    stages.export(ds, split, work, _log)
+    stages.quantize_stage(ds, split, work, _log, calib_size, seed)
+    stages.validate(ds, split, work, _log, seed)
+    stages.bundle(ds, split, work, out, _command_line(), _log)
+    _verify_or_exit(out)
+
+
+def _padding(work: Path, image_size: int) -> None:
+    """Refuse to train when the model code and the pretrained weights disagree on padding/scaling."""
+    from .model import padding_check
+
+    work.mkdir(parents=True, exist_ok=True)
+    res = padding_check()
+    (work / "padding.json").write_text(json.dumps(res, indent=2))
+    best = max(res, key=lambda k: res[k]["mean_logp_true"])
+    if best != "tf+127/128":
+        raise SystemExit(f"padding check: the ImageNet weights prefer {best}, not tf+127/128 ({res}); build_model/model.py is wrong for these weights")
+    _log(f"padding check: tf+127/128 fits the weights best ({res[best]['mean_logp_true']:.3f} mean log-p)")
+
+
+def _command_line() -> str:
+    return "build-model " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _verify_or_exit(path: Path) -> None:
+    from edge_agent.bundle import verify_bundle
+
+    report = verify_bundle(path)
+    m = report.manifest or {}
+    for w in report.warnings:
+        _log(f"warning: {w}")
+    if not report.ok:
+        raise click.ClickException(f"bundle {path} failed verification:\n  - " + "\n  - ".join(report.errors))
+    gate = m.get("gate", {})
+    click.echo(f"{path}: OK - {m.get('model_id')}, primary {m.get('primary')}, {len(report.files)} files checksummed, "
+               f"gate {'approved' if gate.get('approved') else 'rejected'}: {gate.get('reason', 'n/a')}")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+def verify(bundle_dir: Path) -> None:
+    """Check a bundle: manifest format, every file's sha256, labels, gate verdict."""
+    _verify_or_exit(bundle_dir)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path, exists=True))
+@click.option("--iterations", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="real images to feed (default: examples/images)")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="best.pt for PyTorch eager (default: same architecture, untrained weights - speed does not depend on weight values)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
+def bench(bundle_dir: Path, iterations: int, warmup: int, threads: int | None, images: Path | None,
+          checkpoint: Path | None, as_json: bool) -> None:
+    """Model-level benchmark: PyTorch FP32 eager vs ORT FP32 vs ORT INT8 at batch 1 and 8."""
+    from edge_agent.benchstats import dumps
+
+    from .bench import render, run
+
+    result = run(bundle_dir, iterations, warmup, threads, images=images, checkpoint=checkpoint)
+    click.echo(dumps(result) if as_json else render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Static INT8 quantization with ONNX Runtime (QDQ, per-channel weights).
+
+Follows the ONNX Runtime recipe: `quant_pre_process` (shape inference and
+graph optimisation) first, then `quantize_static` with a calibration set drawn
+from the training split and stratified by class (never val/test: the gate
+must judge on data calibration never saw). The calibration method and
+reduce_range are not guessed: every candidate is built and the one with the
+best validation-split agreement/balanced accuracy is kept.
+
+reduce_range (7-bit weights) exists for x86 CPUs without VNNI, where U8S8
+multiply-adds can saturate in 16 bits; whether it helps is measured per model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .export import INPUT, OUTPUT
+
+METHODS = ("MinMax", "Entropy", "Percentile")
+
+
+class ArrayReader:
+    """CalibrationDataReader over a preprocessed float32 array, in small batches."""
+
+    def __init__(self, x: np.ndarray, batch: int = 16) -> None:
+        # ORT's histogram calibrators stack per-batch arrays: every batch must have the same size.
+        batch = min(batch, len(x))
+        self.x, self.batch, self.i = x[:len(x) // batch * batch], batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        out = {INPUT: self.x[self.i:self.i + self.batch]}
+        self.i += self.batch
+        return out
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __iter__(self):  # qdq_loss_debug.collect_activations iterates instead of calling get_next
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def calibration_indices(y: np.ndarray, split: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` training-split images, stratified by class (at least 4 per class where available)."""
+    rng = np.random.default_rng(seed)
+    train = np.flatnonzero(split == "train")
+    classes = np.unique(y[train])
+    per = max(4, n // len(classes))
+    picks = []
+    for k in classes:
+        members = train[y[train] == k]
+        picks.append(rng.choice(members, size=min(per, len(members)), replace=False))
+    out = np.concatenate(picks)
+    rng.shuffle(out)
+    return out
+
+
+def preprocess_model(fp32: Path, out: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
+    return out
+
+
+@dataclass
+class Candidate:
+    method: str
+    reduce_range: bool
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        tag = f"{self.method.lower()}-rr{int(self.reduce_range)}"
+        return tag + (f"-fp32x{len(self.exclude)}" if self.exclude else "")
+
+
+def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if cand.method == "Percentile":
+        extra["CalibPercentile"] = 99.999
+    quantize_static(str(prep), str(out), ArrayReader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=cand.reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, cand.method),
+                    nodes_to_exclude=list(cand.exclude) or None, extra_options=extra)
+    return out
+
+
+def sensitive_nodes(fp32_prep: Path, int8: Path, x: np.ndarray, workdir: Path) -> list[str]:
+    """Nodes ranked by how much quantization hurts their output (lowest SQNR first).
+
+    ORT's qdq_loss_debug runs both models with every intermediate tensor
+    exposed and compares them; the worst nodes are the ones to keep in FP32,
+    as NNCF's accuracy-control loop does.
+    """
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, compute_activation_error, create_activation_matching,
+        modify_model_output_intermediate_tensors)
+
+    a_fp, a_q = workdir / "debug.fp32.onnx", workdir / "debug.int8.onnx"
+    modify_model_output_intermediate_tensors(str(fp32_prep), str(a_fp))
+    modify_model_output_intermediate_tensors(str(int8), str(a_q))
+    fp = collect_activations(str(a_fp), ArrayReader(x))
+    q = collect_activations(str(a_q), ArrayReader(x))
+    errs = compute_activation_error(create_activation_matching(q, fp))
+    producer = {o: n.name for n in onnx.load(str(fp32_prep)).graph.node for o in n.output}
+    ranked = sorted(((v.get("qdq_err", float("inf")), k) for k, v in errs.items() if k in producer))
+    for p in (a_fp, a_q):
+        p.unlink(missing_ok=True)
+    return [producer[k] for _, k in ranked]
+
+
+def save_choice(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

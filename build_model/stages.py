@@ -1,0 +1,230 @@
+"""The pipeline stages after training. Each reads and writes files in the work folder.
+
+    train -> best.pt
+    export -> model.fp32.onnx, export.json
+    quantize -> model.fp32.prep.onnx, candidates/*.onnx, quantize.json, model.int8.onnx
+    validate -> validate.json (gate verdict, fallbacks, temperature, thresholds)
+    bundle -> the bundle folder (manifest.json written last)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_agent.preprocess import Preprocessing, preprocess
+
+from . import gate as gate_mod
+from .calibrate import apply_thresholds, calibration_report, choose_thresholds, fit_temperature
+from .data import Dataset
+from .export import export_onnx, load_checkpoint, parity, run_onnx, session
+from .metrics import ece, softmax, summarize
+from .quantize import Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
+
+Log = Callable[[str], None]
+HIGH_RISK = ["mel", "bcc", "akiec"]
+LOW_CONFIDENCE = 0.5
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def tensors(ds: Dataset, idx: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    return np.stack([preprocess(ds.image(int(i), 4 * pre.input_size), pre) for i in idx]).astype(np.float32)
+
+
+def checkpoint_pre(work: Path) -> tuple[Preprocessing, dict]:
+    import torch
+
+    ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
+    return Preprocessing.from_dict(ck["preprocessing"]), ck
+
+
+def export(ds: Dataset, split: np.ndarray, work: Path, log: Log, parity_images: int = 64) -> dict:
+    model, ck = load_checkpoint(work / "best.pt")
+    pre = Preprocessing.from_dict(ck["preprocessing"])
+    onnx_path = work / "model.fp32.onnx"
+    export_onnx(model, pre.input_size, onnx_path)
+    va = np.flatnonzero(split == "val")[:parity_images]
+    result = parity(model, onnx_path, [ds.image(int(i)) for i in va], pre)
+    _write(work / "export.json", result)
+    log(f"export: {onnx_path} parity max|diff| {result['max_abs_diff']:.2e}, top-1 identical at batch 1/2/8: {result['top1_identical_all']}")
+    if not result["passed"]:
+        raise SystemExit(f"ONNX parity check failed ({result}); the export does not match PyTorch - do not ship it")
+    return result
+
+
+def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
+    s = summarize(y, softmax(logits), labels)
+    return {"balanced_accuracy": s["balanced_accuracy"], "accuracy": s["accuracy"], "macro_auc": s["macro_auc"],
+            "agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+            "mel_sensitivity": s["per_class"].get("mel", {}).get("sensitivity")}
+
+
+def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = 256, seed: int = 0,
+                   methods: tuple[str, ...] = METHODS) -> dict:
+    pre, _ = checkpoint_pre(work)
+    prep = preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")
+    calib = tensors(ds, calibration_indices(ds.y, split, calib_size, seed), pre)
+    va = np.flatnonzero(split == "val")
+    xv, yv = tensors(ds, va, pre), ds.y[va]
+    ref = run_onnx(session(work / "model.fp32.onnx"), xv)
+    np.save(work / "logits.fp32.val.npy", ref)
+    cand_dir = work / "candidates"
+    cand_dir.mkdir(exist_ok=True)
+    rows = []
+    for method in methods:
+        for rr in (False, True):
+            c = Candidate(method, rr)
+            t0 = time.time()
+            path = quantize(prep, cand_dir / f"{c.name}.onnx", calib, c)
+            logits = run_onnx(session(path), xv)
+            np.save(cand_dir / f"{c.name}.val.npy", logits)
+            row = {"name": c.name, "method": method, "reduce_range": rr, "seconds": time.time() - t0,
+                   **_val_metrics(logits, ref, yv, ds.labels)}
+            rows.append(row)
+            log(f"quantize {c.name}: val bal-acc {row['balanced_accuracy']:.4f} agreement {row['agreement']:.4f} "
+                f"mel-sens {row['mel_sensitivity']:.4f} ({row['seconds']:.0f}s)")
+    fp = _val_metrics(ref, ref, yv, ds.labels)
+    # Rank by agreement with FP32, then by balanced accuracy: the gate asks "as good as FP32", not "lucky on val".
+    rows.sort(key=lambda r: (round(r["agreement"], 3), r["balanced_accuracy"]), reverse=True)
+    chosen = rows[0]["name"]
+    shutil.copyfile(cand_dir / f"{chosen}.onnx", work / "model.int8.onnx")
+    result = {"candidates": rows, "chosen": chosen, "calibration_images": int(len(calib)),
+              "fp32_val_balanced_accuracy": fp["balanced_accuracy"], "seed": seed}
+    _write(work / "quantize.json", result)
+    log(f"quantize: chose {chosen}")
+    return result
+
+
+def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0) -> dict:
+    """Gate on the test split with fallbacks; then fit temperature and thresholds for the primary variant."""
+    pre, _ = checkpoint_pre(work)
+    quant = _read(work / "quantize.json")
+    te, va = np.flatnonzero(split == "test"), np.flatnonzero(split == "val")
+    xt, yt, yv = tensors(ds, te, pre), ds.y[te], ds.y[va]
+    f_test = run_onnx(session(work / "model.fp32.onnx"), xt)
+    f_val = np.load(work / "logits.fp32.val.npy")
+    labels = ds.labels
+    tried: list[str] = []
+
+    def judge(name: str, path: Path) -> tuple[bool, str, dict, np.ndarray]:
+        q_test = run_onnx(session(path), xt)
+        cmp = gate_mod.compare(f_test, q_test, yt, labels)
+        ok, why = gate_mod.verdict(cmp)
+        tried.append(name)
+        log(f"gate {name}: {'APPROVED' if ok else 'rejected'} - {why}")
+        return ok, why, cmp, q_test
+
+    order = [c["name"] for c in quant["candidates"]]
+    approved, why, cmp, q_test = judge(quant["chosen"], work / "model.int8.onnx")
+    int8_name = quant["chosen"]
+    # Fallback 1: the other calibration methods, best first (by validation ranking).
+    for name in order[1:]:
+        if approved:
+            break
+        ok, w, c, q = judge(name, work / "candidates" / f"{name}.onnx")
+        if ok:
+            approved, why, cmp, q_test, int8_name = ok, w, c, q, name
+            shutil.copyfile(work / "candidates" / f"{name}.onnx", work / "model.int8.onnx")
+    # Fallback 2: keep the most quantization-sensitive nodes in FP32 (NNCF accuracy-control style).
+    if not approved:
+        best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
+        calib = tensors(ds, calibration_indices(ds.y, split, 64, seed), pre)
+        ranked = sensitive_nodes(work / "model.fp32.prep.onnx", work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
+        for k in (2, 4, 8, 16, 32):
+            c = Candidate(best["method"], best["reduce_range"], tuple(ranked[:k]))
+            path = quantize(work / "model.fp32.prep.onnx", work / "candidates" / f"{c.name}.onnx", calib, c)
+            ok, w, cm, q = judge(c.name, path)
+            if ok:
+                approved, why, cmp, q_test, int8_name = ok, w, cm, q, c.name
+                shutil.copyfile(path, work / "model.int8.onnx")
+                break
+    primary = "int8" if approved else "fp32"
+    if not approved:
+        why = f"INT8 rejected after {len(tried)} candidates ({why}); FP32 ships as primary"
+        cmp = gate_mod.compare(f_test, run_onnx(session(work / "model.int8.onnx"), xt), yt, labels)
+    # Temperature and thresholds for the variant the agent will run, fitted on validation only.
+    p_val_logits = f_val if primary == "fp32" else run_onnx(session(work / "model.int8.onnx"), tensors(ds, va, pre))
+    p_test_logits = f_test if primary == "fp32" else q_test
+    t = fit_temperature(p_val_logits, yv)
+    calib_rep = calibration_report(p_val_logits, yv, t)
+    calib_rep["test_ece_before"], calib_rep["test_ece_after"] = ece(softmax(p_test_logits), yt), ece(softmax(p_test_logits, t), yt)
+    high_risk = [k for k in HIGH_RISK if k in labels]
+    thresholds = choose_thresholds(softmax(p_val_logits, t), yv, labels, high_risk)
+    apply_thresholds(thresholds, softmax(p_test_logits, t), yt, labels, "test")
+    thresholds["low_confidence"] = {"top1_probability": LOW_CONFIDENCE}
+    # Side-by-side numbers use the fitted temperature (argmax is unaffected; AUCs/ECE use calibrated probabilities).
+    cmp = gate_mod.compare(f_test, cmp_logits(work, xt, primary, q_test), yt, labels, t,
+                           thresholds.get("melanoma", {}).get("probability"))
+    if approved:
+        approved, why = gate_mod.verdict(cmp)
+        primary = "int8" if approved else "fp32"
+    gate = {"approved": approved, "reason": why, "limits": gate_mod.LIMITS, "int8_candidate": int8_name,
+            "tried": tried, "agreement": cmp["agreement"], "balanced_accuracy_drop": cmp["balanced_accuracy_drop"],
+            "mel_sensitivity_drop": cmp.get("mel_sensitivity_drop"),
+            "mel_sensitivity_at_threshold": cmp.get("mel_sensitivity_at_threshold"),
+            "test": {v: {k: cmp[v][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc")} |
+                     {"mel_sensitivity": cmp[v]["per_class"].get("mel", {}).get("sensitivity")} for v in ("fp32", "int8")}}
+    result = {"gate": gate, "primary": primary, "temperature": t, "calibration": calib_rep,
+              "thresholds": thresholds, "comparison": cmp}
+    _write(work / "validate.json", result)
+    log(f"validate: primary {primary}; T={t:.3f}; thresholds " +
+        ", ".join(f"{k} {v['probability']:.4f} (test sens {v.get('test_sensitivity', 0):.3f} spec {v.get('test_specificity', 0):.3f})"
+                  for k, v in thresholds.items() if "labels" in v))
+    return result
+
+
+def cmp_logits(work: Path, xt: np.ndarray, primary: str, q_test: np.ndarray) -> np.ndarray:
+    return q_test if primary == "int8" else run_onnx(session(work / "model.int8.onnx"), xt)
+
+
+def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> dict:
+    import torch
+
+    last = torch.load(work / "last.pt", map_location="cpu", weights_only=False) if (work / "last.pt").exists() else {}
+    state = last.get("state", {})
+    return {
+        "dataset_name": "ham10000" if ds.layout == "ham10000" else Path(ds.source).stem,
+        "source": Path(ds.source).name, "layout": ds.layout, "images": len(ds),
+        "groups": len(set(ds.groups)), "seed": ck["config"]["seed"],
+        "counts": {s: ds.class_counts(np.flatnonzero(split == s)) for s in ("train", "val", "test")},
+        "config": ck["config"], "best_epoch": ck.get("epoch"), "history": state.get("history", []),
+        "padding_check": _read(work / "padding.json") if (work / "padding.json").exists() else {},
+    }
+
+
+def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log) -> dict:
+    from .bundle import HAM_CITATION, HAM_LICENSE, write_bundle
+    from .report import render
+
+    pre, ck = checkpoint_pre(work)
+    val, quant, par = _read(work / "validate.json"), _read(work / "quantize.json"), _read(work / "export.json")
+    training = training_summary(ds, split, ck, work)
+    is_ham = ds.layout == "ham10000" or "derma" in Path(ds.source).name.lower()
+    license_text = HAM_LICENSE if is_ham else "inherits the license of the training data: " + ds.source
+    citation = HAM_CITATION if is_ham else "see the training data's own citation"
+    md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-Lite0 {pre.input_size}px", labels=ds.labels,
+                cmp=val["comparison"], gate=val["gate"], thresholds=val["thresholds"], calib=val["calibration"],
+                quant=quant, parity=par, padding=training["padding_check"], training=training,
+                primary=val["primary"], citation=citation, license_text=license_text)
+    split_csv = work / "split.csv"
+    shutil.copyfile(out / "split.csv", split_csv) if (out / "split.csv").exists() else None
+    manifest = write_bundle(out, fp32=work / "model.fp32.onnx", int8=work / "model.int8.onnx", split_csv=split_csv,
+                            report_md=md, labels=ds.labels, pre=pre, temperature=val["temperature"],
+                            thresholds=val["thresholds"], gate=val["gate"] | {"calibration": val["calibration"]},
+                            primary=val["primary"], training=training, build_command=build_command,
+                            license_text=license_text, citation=citation)
+    log(f"bundle: {out} ({manifest['model_id']}, primary {manifest['primary']})")
+    return manifest

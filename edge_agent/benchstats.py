@@ -1,0 +1,72 @@
+"""Arithmetic and tables shared by the two benchmarks (`build-model bench`, `edge-agent bench`).
+
+Kept tiny and dependency-free so both sides print numbers computed the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any, Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default 'linear' method), q in [0, 100]."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def latency_summary(seconds: Sequence[float], batch: int) -> dict[str, float]:
+    """p50/p95/p99 in milliseconds per call, and images per second over the whole run."""
+    total = sum(seconds)
+    return {
+        "p50_ms": 1000 * percentile(seconds, 50), "p95_ms": 1000 * percentile(seconds, 95),
+        "p99_ms": 1000 * percentile(seconds, 99), "images_per_s": (batch * len(seconds) / total) if total else float("nan"),
+        "iterations": len(seconds), "batch": batch,
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is zero or missing (a ratio of nothing is not 0)."""
+    try:
+        return a / b if b else float("nan")
+    except TypeError:
+        return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def file_mb(path: str | os.PathLike) -> float:
+    return os.path.getsize(path) / 1e6
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table. columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            line.append("-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt) if fmt else str(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    out = []
+    for n, line in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, default=float)

@@ -1,0 +1,455 @@
+"""`edge-agent`: the command line, a thin layer over the library.
+
+Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
+a warning, or `model verify` found problems; 2 invalid settings, bundle or
+database at start (nothing was processed); 3 the agent stopped on a runtime
+failure (unprocessed files stay in the inbox).
+
+Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
+so `results` and `status` answer instantly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from . import log as logsetup
+from .bundle import BundleError, default_bundle_path, verify_bundle
+from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, load_settings
+from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, status as db_status, to_iso
+
+log = logging.getLogger("edge_agent.cli")
+
+EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME = 1, 2, 3
+FALLBACK_WARN_FRACTION = 0.05
+
+
+def _fail(msg: str, code: int = EXIT_CONFIG) -> NoReturn:
+    click.echo(f"edge-agent: error: {msg}", err=True)
+    sys.exit(code)
+
+
+# --- options shared by `run` and `scan`, generated from Settings -------------------------
+
+_FLAG_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+_SPECIAL = {
+    "inbox": click.option("--inbox", type=click.Path(path_type=Path), help=HELP["inbox"]),
+    "providers": click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeat "
+                              "for several, in order of preference; default CPUExecutionProvider)"),
+    "thresholds": click.option("--threshold", "thresholds", multiple=True, metavar="NAME=P",
+                               help="stricter threshold for a bundle rule, e.g. melanoma=0.2 or low_confidence=0.6 "
+                                    "(repeatable)"),
+    "threshold_override": click.option("--threshold-override/--no-threshold-override", default=None,
+                                       help=HELP["threshold_override"]),
+    "after": click.option("--after", type=click.Choice(AFTER_CHOICES), help=HELP["after"]),
+    "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                              help="log level (default INFO)"),
+}
+
+
+def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = []
+    for name, fld in FIELDS.items():
+        if name in _SPECIAL:
+            opts.append(_SPECIAL[name])
+            continue
+        typ = str(fld.type)
+        flag = "--" + name.replace("_", "-")
+        if "Path" in typ:
+            opts.append(click.option(flag, name, type=click.Path(path_type=Path), help=HELP[name]))
+        else:
+            opts.append(click.option(flag, name, type=_FLAG_TYPES[typ], help=HELP[name]))
+    opts.append(click.option("--config", "config_file", type=click.Path(path_type=Path),
+                             help="TOML settings file (or EDGE_AGENT_CONFIG); flags > environment > file > defaults"))
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _load(flags: dict[str, Any], config_file: Path | None) -> Settings:
+    try:
+        return load_settings(flags, config_file=config_file)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _db_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file")(f)
+    return click.option("--db", type=click.Path(path_type=Path), help="results database (or EDGE_AGENT_DB)")(f)
+
+
+def _open_db(db: Path | None, config_file: Path | None) -> tuple[Settings, sqlite3.Connection]:
+    s = _load({"db": db}, config_file)
+    try:
+        return s, connect(s.db_path, readonly=True)
+    except (ConfigError, StoreError) as e:
+        _fail(str(e))
+
+
+def _not_ours(path: Path, e: Exception) -> NoReturn:
+    _fail(f"{path} is not an edge-agent results database ({e}); pass the --db the agent writes to")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="edge-agent")
+def main() -> None:
+    """Offline dermoscopy screening agent. Decision support for clinicians, not a diagnosis."""
+
+
+# --- run ---------------------------------------------------------------------------------
+
+@main.command()
+@_settings_options
+def run(config_file: Path | None, **flags: Any) -> None:
+    """Screen everything in the inbox, then watch it until SIGTERM/SIGINT (systemd Type=notify)."""
+    s = _load(flags, config_file)
+    logsetup.setup(s.log_level)
+    from .infer import InferenceError
+    from .notify import Notifier
+    from .pipeline import Agent
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now; unfinished images stay in the inbox", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = Agent(s, Notifier()).run(stop)
+    except (ConfigError, BundleError, StoreError) as e:
+        _fail(str(e))
+    except InferenceError as e:
+        _fail(str(e), EXIT_RUNTIME)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    sys.exit(code)
+
+
+# --- scan --------------------------------------------------------------------------------
+
+@main.command()
+@_settings_options
+def scan(config_file: Path | None, **flags: Any) -> None:
+    """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome)."""
+    s = _load(flags, config_file)
+    logsetup.setup(s.log_level)
+    from .infer import InferenceError
+    from .pipeline import Agent, Outcome
+
+    quarantined: list[tuple[str, str]] = []
+
+    def on_outcome(o: Outcome) -> None:
+        if o.kind == "quarantine":
+            quarantined.append((o.job.cand.rel, o.reason))
+
+    agent = Agent(s, one_shot=True, on_outcome=on_outcome)
+    bar: Any = None
+    show_bar = sys.stderr.isatty()
+
+    def on_total(total: int) -> None:
+        nonlocal bar
+        if show_bar and total:
+            bar = click.progressbar(length=total, label="screening", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    t0 = time.monotonic()
+    try:
+        code = agent.scan(progress=lambda n: bar.update(n) if bar else None, on_total=on_total, stop=stop)
+    except (ConfigError, BundleError, StoreError) as e:
+        _fail(str(e))
+    except InferenceError as e:
+        _fail(str(e), EXIT_RUNTIME)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    elapsed = max(time.monotonic() - t0, 1e-6)
+    c = agent.counts
+    handled = c.results + c.duplicates + c.quarantined
+    click.echo(f"screened the inbox in {elapsed:.1f} s ({handled / elapsed:.1f} images/s)")
+    for label, value in (("processed", c.results), ("flagged for review", c.flagged), ("quarantined", c.quarantined),
+                         ("duplicates skipped", c.duplicates), ("already recorded", c.already_done),
+                         ("vanished before reading", c.vanished), ("model fallbacks", c.fallbacks)):
+        if value or label in ("processed", "flagged for review", "quarantined", "duplicates skipped"):
+            click.echo(f"  {label + ':':<26}{value}")
+    for rel, reason in quarantined[:20]:
+        click.echo(f"  quarantined {rel}: {reason}")
+    if len(quarantined) > 20:
+        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
+    if code == EXIT_INCOMPLETE:
+        click.echo("edge-agent: some files in the inbox did not get an outcome (still being written?); run scan "
+                   "again", err=True)
+    sys.exit(code)
+
+
+# --- results -----------------------------------------------------------------------------
+
+_REL = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> str:
+    """'2h', '30m', '7d', 'today', 'yesterday', or an ISO date/time (local time unless it has an offset)."""
+    now = now or datetime.now(timezone.utc)
+    t = text.strip().lower()
+    m = _REL.match(t)
+    if m:
+        return to_iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
+    local_midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    if t == "today":
+        return to_iso(local_midnight)
+    if t == "yesterday":
+        return to_iso(local_midnight - timedelta(days=1))
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a time; use e.g. 2h, 30m, 7d, today, yesterday, 2026-11-21 or "
+                                 "2026-11-21T14:30") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # naive -> local time, as a person typing it means
+    return to_iso(dt)
+
+
+@main.command()
+@_db_options
+@click.option("--flagged", is_flag=True, help="only results that need a clinician's review")
+@click.option("--since", help="only results processed since WHEN (2h, 7d, today, 2026-11-21, ...)")
+@click.option("--label", help="only results whose top label is L (e.g. mel)")
+@click.option("--limit", type=int, default=None, help="at most N rows (oldest first)")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def results(db: Path | None, config_file: Path | None, flagged: bool, since: str | None, label: str | None,
+            limit: int | None, fmt: str) -> None:
+    """List screening results."""
+    since_iso = parse_since(since) if since else None
+    s, conn = _open_db(db, config_file)
+    try:
+        rows = query_results(conn, flagged=flagged, since=since_iso, label=label, limit=limit)
+    except sqlite3.DatabaseError as e:
+        _not_ours(s.db_path, e)
+    if fmt == "json":
+        for r in rows:
+            r["probabilities"] = json.loads(r["probabilities"])
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        cols = list(rows[0]) if rows else [r[1] for r in conn.execute("PRAGMA table_info(results)")]
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        from tabulate import tabulate
+
+        table = [[r[c] for c in RESULT_TABLE_COLUMNS] for r in rows]
+        for t in table:
+            t[4] = f"{t[4]:.2f}"
+            t[5] = "REVIEW" if t[5] else ""
+        click.echo(tabulate(table, headers=["id", "processed (UTC)", "file", "label", "conf", "review", "reasons",
+                                            "model"], disable_numparse=True) if rows else "no results match")
+
+
+# --- status ------------------------------------------------------------------------------
+
+def _inbox_backlog(inbox: str, exclude: list[str]) -> int | None:
+    """Files waiting in the inbox right now (what the agent would take), or None if it cannot be read."""
+    from .intake import name_kind
+
+    if not inbox or not os.path.isdir(inbox):
+        return None
+    ex = [os.path.abspath(p) for p in exclude if p]
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(inbox, onerror=lambda e: None):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in ex]
+        n += sum(1 for f in filenames if name_kind(f) == "image")
+    return n
+
+
+def _pid_alive(pid: str | None) -> bool:
+    try:
+        os.kill(int(pid or 0), 0)
+        return int(pid or 0) > 0
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+@main.command()
+@_db_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(db: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Counts, last activity, model in use, fallbacks, backlog and warnings (exit 1 when there is a warning)."""
+    s, conn = _open_db(db, config_file)
+    try:
+        st = db_status(conn)
+    except sqlite3.DatabaseError as e:
+        _not_ours(s.db_path, e)
+    agent = st["agent"]
+    beat = st.get("agent_updated_at")
+    age = None
+    if beat:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat.replace("Z", "+00:00"))).total_seconds()
+    running = bool(agent.get("mode") == "run" and not agent.get("stopped_at") and age is not None and age < 30
+                   and _pid_alive(agent.get("pid")))
+    live = _inbox_backlog(agent.get("inbox", ""), [agent.get("processed_dir", ""), agent.get("quarantine_dir", "")])
+    st["running"] = running
+    st["backlog"] = live if live is not None else int(agent.get("backlog") or 0)
+    warnings = []
+    if st["recent_results"] and st["recent_fallback_fraction"] > FALLBACK_WARN_FRACTION:
+        warnings.append(f"{st['recent_fallbacks']} of the last {st['recent_results']} results "
+                        f"({st['recent_fallback_fraction']:.0%}) came from the fallback model: the primary model "
+                        "fails on this machine - run `edge-agent model verify` and check the logs")
+    if agent.get("paused"):
+        warnings.append(f"intake paused: {agent['paused']}")
+    if st["files_not_moved"] and not running:
+        warnings.append(f"{st['files_not_moved']} recorded file(s) were not moved out of the inbox yet; they are "
+                        "finished at the next start")
+    if agent.get("mode") == "run" and not running and not agent.get("stopped_at"):
+        warnings.append("the agent is not running (no heartbeat for 30 s and it did not stop cleanly); check "
+                        "`systemctl status` / the journal")
+    st["warnings"] = warnings
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+    else:
+        lines = [
+            f"database:        {s.db_path} (schema v{st['schema_version']})",
+            f"agent:           {'running' if running else 'not running'} (pid {agent.get('pid', '-')}, last heartbeat "
+            f"{beat or 'never'})",
+            f"model in use:    {agent.get('model_id', '-')} [{agent.get('model_variant', '-')}"
+            f"{' FALLBACK' if agent.get('model_fallback_active') == '1' else ''}]",
+            f"results:         {st['results']} ({st['flagged']} flagged for review: {st['high_risk']} high risk, "
+            f"{st['poor_quality']} poor quality, {st['disagreements']} model disagreements)",
+            f"quarantined:     {st['quarantined']}",
+            f"duplicates:      {st['duplicates']}",
+            f"fallbacks:       {st['fallback_results']} results from the fallback model, {st['fallback_events']} "
+            "fallback events",
+            f"last activity:   {st['last_activity'] or 'never'}",
+            f"inbox backlog:   {st['backlog']} file(s) waiting" + (f" in {agent['inbox']}" if agent.get("inbox") else ""),
+        ]
+        if agent.get("paused"):
+            lines.append(f"paused:          {agent['paused']}")
+        click.echo("\n".join(lines))
+        for w in warnings:
+            click.echo(f"WARNING: {w}", err=True)
+    sys.exit(1 if warnings else 0)
+
+
+# --- model -------------------------------------------------------------------------------
+
+@main.group()
+def model() -> None:
+    """Show or check a model bundle (default: the bundle shipped with the package)."""
+
+
+def _bundle_arg(bundle: Path | None) -> Path:
+    path = bundle or default_bundle_path()
+    if bundle is None and not path.exists():
+        _fail(f"no bundle installed at {path}: pass a bundle folder (edge-agent model info PATH)")
+    return path
+
+
+@model.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def info(bundle: Path | None, as_json: bool) -> None:
+    """Show a bundle: id, labels, variants, thresholds, gate verdict, checksum status."""
+    rep = verify_bundle(_bundle_arg(bundle))
+    m = rep.manifest or {}
+    if as_json:
+        click.echo(json.dumps({**rep.to_dict(), "manifest": m}, indent=2, default=str))
+        sys.exit(0 if rep.ok else 1)
+    gate = m.get("gate") or {}
+    names = m.get("label_names") or {}
+    click.echo(f"bundle:        {rep.path}")
+    click.echo(f"model id:      {m.get('model_id', '-')} (format v{m.get('format_version', '-')}, created "
+               f"{m.get('created_at', '-')})")
+    click.echo(f"labels:        {', '.join(f'{x} ({names[x]})' if x in names else str(x) for x in m.get('labels', []))}")
+    click.echo(f"high risk:     {', '.join(m.get('high_risk_labels', []))}")
+    for v, spec in (m.get("models") or {}).items():
+        role = "primary" if v == m.get("primary") else "fallback" if v == m.get("fallback") else "spare"
+        click.echo(f"model {v:<8} {spec.get('file')} - {'approved' if spec.get('approved') else 'NOT approved'}, {role}")
+    click.echo(f"temperature:   {m.get('temperature', '-')}")
+    for name, spec in (m.get("thresholds") or {}).items():
+        if isinstance(spec, dict) and "labels" in spec:
+            click.echo(f"threshold:     {name}: P({'+'.join(spec['labels'])}) >= {spec.get('probability')} -> high_risk")
+        elif name == "low_confidence" and isinstance(spec, dict):
+            click.echo(f"threshold:     low_confidence: top-1 probability < {spec.get('top1_probability')}")
+    click.echo(f"gate:          {'APPROVED' if gate.get('approved') else 'REJECTED' if gate else '-'}"
+               f"{': ' + str(gate.get('reason')) if gate.get('reason') else ''}")
+    if m.get("license"):
+        click.echo(f"license:       {m['license']}")
+    click.echo(f"checksums:     {'all ' + str(len(rep.files)) + ' files ok' if rep.ok else 'PROBLEMS (see below)'}")
+    for e in rep.errors:
+        click.echo(f"ERROR: {e}", err=True)
+    for w in rep.warnings:
+        click.echo(f"warning: {w}", err=True)
+    sys.exit(0 if rep.ok else 1)
+
+
+@model.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--load/--no-load", default=True, show_default=True,
+              help="also open every model variant in onnxruntime and run one zero image through it")
+@click.option("--json", "as_json", is_flag=True)
+def verify(bundle: Path | None, load: bool, as_json: bool) -> None:
+    """Check a bundle: format version, checksums, unlisted files, labels, thresholds, gate; exit 1 on problems."""
+    rep = verify_bundle(_bundle_arg(bundle))
+    if rep.ok and load:
+        _check_loads(rep)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+    else:
+        for name, state in sorted(rep.files.items()):
+            click.echo(f"{state:>9}  {name}")
+        for e in rep.errors:
+            click.echo(f"ERROR: {e}")
+        for w in rep.warnings:
+            click.echo(f"warning: {w}")
+        click.echo(f"{rep.path}: {'OK' if rep.ok else 'REJECTED'}")
+    sys.exit(0 if rep.ok else 1)
+
+
+def _check_loads(rep: Any) -> None:
+    import numpy as np
+
+    from .bundle import load_bundle
+    from .infer import Engine, _short
+
+    b = load_bundle(rep.path)
+    x = np.zeros((1, 3, b.input_size, b.input_size), np.float32)
+    for variant in b.variants:
+        eng = Engine(b)
+        try:
+            eng._session, eng.variant = eng._open(variant), variant
+            eng._run(eng._session, x)
+        except Exception as e:
+            role = "primary" if variant == b.primary else "fallback" if variant == b.fallback else "spare"
+            msg = f"the {variant} model ({role}) does not run in onnxruntime here: {_short(e)}"
+            if variant == b.primary and b.fallback is None or variant == b.fallback:
+                rep.errors.append(msg + "; rebuild the bundle")
+            else:
+                rep.warnings.append(msg + (f"; the agent would fall back to {b.fallback}" if variant == b.primary else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,281 @@
+"""Settings: command-line flags > EDGE_AGENT_* environment > TOML file > defaults.
+
+Everything is validated once, at start, with messages that name the setting,
+where its value came from, and what would be accepted: a screening daemon
+that starts with a typo and silently uses a default is worse than one that
+refuses to start.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+AFTER_CHOICES = ("move", "delete", "keep")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message says which, where from, and what is allowed."""
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All agent settings with their defaults; HELP below says what each is for."""
+
+    inbox: Path | None = None
+    db: Path | None = None
+    model: Path | None = None
+    processed_dir: Path | None = None
+    quarantine_dir: Path | None = None
+    after: str = "move"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = field(default_factory=lambda: max(1, min(4, _cpus())))
+    workers: int = field(default_factory=lambda: max(1, min(4, _cpus())))
+    batch_size: int = 8
+    spot_check_fraction: float = 0.02
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_override: bool = False
+    quiet_seconds: float = 2.0
+    rescan_seconds: float = 30.0
+    partial_timeout_seconds: float = 600.0
+    max_pixels: int = 64_000_000
+    max_file_mb: float = 100.0
+    min_sharpness: float = 10.0
+    min_brightness: float = 40.0
+    max_brightness: float = 225.0
+    max_clipped_fraction: float = 0.25
+    min_free_mb: float = 256.0
+    log_level: str = "INFO"
+    queue_max: int = 32
+
+    @property
+    def inbox_dir(self) -> Path:
+        if self.inbox is None:
+            raise ConfigError("no inbox set: pass --inbox DIR, set EDGE_AGENT_INBOX or `inbox` in the config file")
+        return self.inbox
+
+    @property
+    def db_path(self) -> Path:
+        if self.db is None:
+            raise ConfigError("no database set: pass --db FILE, set EDGE_AGENT_DB or `db` in the config file")
+        return self.db
+
+    @property
+    def processed_path(self) -> Path:
+        return self.processed_dir or self.inbox_dir.parent / "processed"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.quarantine_dir or self.inbox_dir.parent / "quarantine"
+
+    @property
+    def model_path(self) -> Path:
+        from .bundle import default_bundle_path
+        return self.model or default_bundle_path()
+
+
+FIELDS = {f.name: f for f in fields(Settings)}
+HELP: dict[str, str] = {
+    "inbox": "folder watched for new images",
+    "db": "SQLite results database (created 0600)",
+    "model": "model bundle folder (default: the bundle shipped with the package)",
+    "processed_dir": "where screened images go (default: INBOX/../processed)",
+    "quarantine_dir": "where unusable files go (default: INBOX/../quarantine, created 0700)",
+    "after": "what to do with an inbox file once its outcome is committed",
+    "providers": "onnxruntime execution providers, in order of preference",
+    "threads": "onnxruntime intra-op threads",
+    "workers": "threads that hash, decode and preprocess images",
+    "batch_size": "largest inference batch",
+    "spot_check_fraction": "fraction of images also run on the FP32 model to catch INT8 drift (0 disables)",
+    "thresholds": "per-rule threshold overrides, e.g. melanoma=0.2; may only be stricter than the bundle's unless threshold_override",
+    "threshold_override": "allow thresholds less strict than the bundle's (needs a clinician's approval)",
+    "quiet_seconds": "a file without close/rename events counts as complete after this long without changes",
+    "rescan_seconds": "full inbox rescan interval, catches missed events (network shares, inotify overflow)",
+    "partial_timeout_seconds": "a temp (.part/.tmp/~) or truncated file unchanged this long is quarantined as abandoned",
+    "max_pixels": "largest accepted image (width x height), read from the header before decoding",
+    "max_file_mb": "largest accepted file size in MiB",
+    "min_sharpness": "variance of Laplacian (at <=256 px) below which an image is flagged blurry",
+    "min_brightness": "mean brightness (0-255, image centre) below which an image is flagged too dark",
+    "max_brightness": "mean brightness above which an image is flagged overexposed",
+    "max_clipped_fraction": "fraction of pure black or pure white centre pixels above which exposure is poor",
+    "min_free_mb": "pause intake while the database or output disk has less free space than this",
+    "log_level": "log level",
+    "queue_max": "most images in flight between intake and the database (backpressure)",
+}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a raw value (string from env/flags, TOML value) into the setting's type."""
+    f = FIELDS[name]
+    typ = f.type if isinstance(f.type, str) else str(f.type)
+    where = f"{name} (from {source})"
+    try:
+        if "Path" in typ:
+            if value in (None, ""):
+                return None
+            if not isinstance(value, (str, os.PathLike)):
+                raise TypeError
+            return Path(os.path.expanduser(os.fspath(value)))
+        if typ.startswith("tuple"):
+            items = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
+            if not all(isinstance(x, str) and x for x in items):
+                raise TypeError
+            return tuple(items)
+        if typ.startswith("dict"):
+            return _parse_thresholds(value)
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if typ == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value.strip()
+    except (TypeError, ValueError) as e:
+        detail = f": {e}" if isinstance(e, ConfigError) else ""
+        raise ConfigError(f"{where} has an invalid value {value!r}{detail}; expected {_expected(typ)}. "
+                          f"{name}: {HELP[name]}") from None
+    raise AssertionError(f"unhandled setting type {typ} for {name}")  # pragma: no cover
+
+
+def _expected(typ: str) -> str:
+    return {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}.get(
+        typ, "a path" if "Path" in typ else "a comma-separated list" if typ.startswith("tuple")
+        else "NAME=PROBABILITY pairs" if typ.startswith("dict") else typ)
+
+
+def _parse_thresholds(value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        pairs = []
+        for item in (x.strip() for x in items):
+            if not item:
+                continue
+            if "=" not in item:
+                raise ConfigError(f"threshold {item!r} must look like NAME=PROBABILITY, e.g. melanoma=0.2")
+            k, v = item.split("=", 1)
+            pairs.append((k.strip(), v.strip()))
+    out: dict[str, float] = {}
+    for k, v in pairs:
+        try:
+            p = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"threshold {k}={v!r} is not a number; use a probability between 0 and 1") from None
+        if not (0.0 <= p <= 1.0) or not k:
+            raise ConfigError(f"threshold {k}={v!r} must be a probability between 0 and 1")
+        out[str(k)] = p
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys, or an [edge_agent] table (so it can share a file)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: fix --config / EDGE_AGENT_CONFIG or create it") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read as TOML ({e}); fix the syntax") from None
+    table = data.get("edge_agent", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [edge_agent] must be a table of settings")
+    return {k.replace("-", "_"): v for k, v in table.items()}
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: Path | None = None) -> Settings:
+    """Merge the four sources (flags > env > file > defaults) and validate the result."""
+    env = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != {}}
+    cfg_path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    values: dict[str, Any] = {}
+    if cfg_path is not None:
+        for k, v in read_toml(cfg_path).items():
+            if k not in FIELDS:
+                raise ConfigError(f"unknown setting {k!r} in {cfg_path}; known settings: {', '.join(FIELDS)}")
+            values[k] = _coerce(k, v, f"config file {cfg_path}")
+    for k in FIELDS:
+        raw = env.get(ENV_PREFIX + k.upper())
+        if raw is not None and raw != "":
+            values[k] = _coerce(k, raw, f"environment {ENV_PREFIX + k.upper()}")
+    for k, v in flags.items():
+        if k not in FIELDS:
+            raise ConfigError(f"unknown setting {k!r}; known settings: {', '.join(FIELDS)}")
+        values[k] = _coerce(k, v, "command line")
+    settings = replace(Settings(), **values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Range checks that need no file system access; raises ConfigError."""
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name}={getattr(s, name)!r} {why}. {name}: {HELP[name]}")
+
+    if s.after not in AFTER_CHOICES:
+        raise bad("after", f"is not one of {', '.join(AFTER_CHOICES)}")
+    if s.log_level.upper() not in LOG_LEVELS:
+        raise bad("log_level", f"is not one of {', '.join(LOG_LEVELS)}")
+    for name in ("threads", "workers", "batch_size", "queue_max", "max_pixels"):
+        if getattr(s, name) < 1:
+            raise bad(name, "must be at least 1")
+    if s.batch_size > 256:
+        raise bad("batch_size", "must be at most 256 (larger batches only add latency and memory)")
+    if not 0.0 <= s.spot_check_fraction <= 1.0:
+        raise bad("spot_check_fraction", "must be between 0 and 1")
+    for name in ("quiet_seconds", "min_free_mb", "min_sharpness"):
+        if getattr(s, name) < 0:
+            raise bad(name, "must not be negative")
+    for name in ("rescan_seconds", "partial_timeout_seconds", "max_file_mb"):
+        if getattr(s, name) <= 0:
+            raise bad(name, "must be greater than 0")
+    if not 0 <= s.min_brightness < s.max_brightness <= 255:
+        raise ConfigError(f"min_brightness={s.min_brightness} and max_brightness={s.max_brightness} must satisfy "
+                          "0 <= min_brightness < max_brightness <= 255")
+    if not 0 < s.max_clipped_fraction <= 1:
+        raise bad("max_clipped_fraction", "must be in (0, 1]")
+    if not s.providers:
+        raise bad("providers", "must name at least one onnxruntime execution provider, e.g. CPUExecutionProvider")
+    if s.inbox is not None:
+        inbox = s.inbox.resolve()
+        for name in ("processed_path", "quarantine_path"):
+            out = getattr(s, name).resolve()
+            if out == inbox or inbox.is_relative_to(out):
+                raise ConfigError(f"{name.replace('_path', '_dir')} {out} is the inbox or contains it; choose a folder "
+                                  "outside the inbox (the default is a sibling of the inbox)")

@@ -1,0 +1,337 @@
+"""Decode and check one image file: bytes in, model tensor and quality measures out.
+
+Anything can land in an inbox: empty files from failed copies, half-written
+uploads, PDFs renamed to .jpg, hostile PNGs that declare 100000x100000 pixels.
+So the format is sniffed from the content (never the name), the dimensions
+are read from the header *before* decoding (a decompression bomb is rejected
+without allocating it), truncation is detected from the container structure,
+and every rejection carries a reason a person can act on. Large JPEGs are
+decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, which keeps memory and
+time proportional to what the model needs rather than to the camera's sensor.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .preprocess import Preprocessing, preprocess
+
+SUPPORTED = ("jpeg", "png", "bmp", "tiff", "webp")
+MIN_SIDE = 32
+QUALITY_SIDE = 256
+# Only one full-resolution decode of a big non-JPEG image at a time: the
+# other formats cannot be decoded at reduced scale, so this caps peak memory.
+BIG_DECODE_PIXELS = 16_000_000
+_big_decode = threading.Semaphore(1)
+
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class Rejected(Exception):
+    """The file cannot be screened. `code` is machine-readable, `reason` tells a person what to do.
+
+    `maybe_incomplete` marks failures that also happen while a file is still
+    being written (empty, truncated): the daemon waits before quarantining those.
+    """
+
+    def __init__(self, code: str, reason: str, maybe_incomplete: bool = False) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.maybe_incomplete = code, reason, maybe_incomplete
+
+
+@dataclass(frozen=True)
+class Header:
+    format: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    min_sharpness: float = 10.0
+    min_brightness: float = 40.0
+    max_brightness: float = 225.0
+    max_clipped_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class Quality:
+    sharpness: float
+    brightness: float
+    clipped_dark: float
+    clipped_bright: float
+    issues: tuple[str, ...]
+
+    @property
+    def poor(self) -> bool:
+        return bool(self.issues)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    header: Header
+    reduction: int
+    tensor: np.ndarray  # 3xSxS float32, exactly the manifest preprocessing
+    quality: Quality
+
+
+def sniff(data: bytes) -> str | None:
+    """Format from magic bytes, or None. Names lie; content does not."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _describe_unknown(data: bytes) -> str:
+    head = data[:16]
+    known = {b"%PDF": "a PDF document", b"GIF8": "a GIF image", b"PK\x03\x04": "a ZIP archive (or Office document)",
+             b"II+\x00": "a BigTIFF image", b"MM\x00+": "a BigTIFF image", b"\x00\x00\x00\x0cjP": "a JPEG 2000 image",
+             b"DICM": "a DICOM file"}
+    for magic, what in known.items():
+        if head.startswith(magic) or data[128:132] == magic:
+            return what
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "a HEIC/AVIF image"
+    try:
+        data[:512].decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return f"unknown binary data (starts with {head[:8].hex(' ')})"
+
+
+def read_header(data: bytes) -> Header:
+    """Format and pixel dimensions from the file header, without decoding pixels."""
+    if not data:
+        raise Rejected("empty", "empty file (0 bytes): the copy probably failed; send the image again", maybe_incomplete=True)
+    fmt = sniff(data)
+    if fmt is None:
+        what = _describe_unknown(data)
+        raise Rejected("not_image", f"not a supported image: the content is {what}; supported formats are JPEG, PNG, "
+                       "BMP, TIFF and WebP - export the photo in one of those and send it again")
+    try:
+        w, h = {"jpeg": _jpeg_size, "png": _png_size, "bmp": _bmp_size, "tiff": _tiff_size, "webp": _webp_size}[fmt](data)
+    except Rejected:
+        raise
+    except (struct.error, IndexError, ValueError):
+        raise Rejected("truncated", f"truncated {fmt.upper()} file: the header ends early; the copy was probably "
+                       "interrupted - send the image again", maybe_incomplete=True) from None
+    if w <= 0 or h <= 0:
+        raise Rejected("corrupt", f"corrupt {fmt.upper()} header: it declares a {w}x{h} image; re-export the image")
+    return Header(fmt, w, h)
+
+
+def _jpeg_size(d: bytes) -> tuple[int, int]:
+    i, n = 2, len(d)
+    while True:
+        while i < n and d[i] == 0xFF and i + 1 < n and d[i + 1] == 0xFF:
+            i += 1  # fill bytes
+        if i + 4 > n:
+            raise IndexError
+        if d[i] != 0xFF:
+            raise Rejected("corrupt", "corrupt JPEG: invalid marker structure before the image data; re-export the image")
+        marker = d[i + 1]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise Rejected("corrupt", "corrupt JPEG: no frame header before the image data; re-export the image")
+        seglen = struct.unpack(">H", d[i + 2:i + 4])[0]
+        if marker in _SOF:
+            h, w = struct.unpack(">HH", d[i + 5:i + 9])
+            return w, h
+        i += 2 + seglen
+
+
+def _png_size(d: bytes) -> tuple[int, int]:
+    if d[12:16] != b"IHDR":
+        raise Rejected("corrupt", "corrupt PNG: the first chunk is not IHDR; re-export the image")
+    return struct.unpack(">II", d[16:24])
+
+
+def _bmp_size(d: bytes) -> tuple[int, int]:
+    dib = struct.unpack("<I", d[14:18])[0]
+    if dib == 12:
+        w, h = struct.unpack("<HH", d[18:22])
+    else:
+        w, h = struct.unpack("<ii", d[18:26])
+    return w, abs(h)
+
+
+def _webp_size(d: bytes) -> tuple[int, int]:
+    chunk = d[12:16]
+    if chunk == b"VP8 ":
+        if d[23:26] != b"\x9d\x01\x2a":
+            raise Rejected("corrupt", "corrupt WebP: bad VP8 frame header; re-export the image")
+        w, h = struct.unpack("<HH", d[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L":
+        if d[20] != 0x2F:
+            raise Rejected("corrupt", "corrupt WebP: bad lossless signature; re-export the image")
+        b = struct.unpack("<I", d[21:25])[0]
+        return 1 + (b & 0x3FFF), 1 + ((b >> 14) & 0x3FFF)
+    if chunk == b"VP8X":
+        w = int.from_bytes(d[24:27], "little") + 1
+        h = int.from_bytes(d[27:30], "little") + 1
+        if len(d) < 30:
+            raise IndexError
+        return w, h
+    raise Rejected("corrupt", f"corrupt WebP: unknown first chunk {chunk!r}; re-export the image")
+
+
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}
+
+
+def _tiff_ifd(d: bytes) -> dict[int, list[int]]:
+    e = "<" if d[:2] == b"II" else ">"
+    off = struct.unpack(e + "I", d[4:8])[0]
+    if off + 2 > len(d):
+        raise IndexError
+    (count,) = struct.unpack(e + "H", d[off:off + 2])
+    tags: dict[int, list[int]] = {}
+    for k in range(count):
+        p = off + 2 + 12 * k
+        tag, typ, n = struct.unpack(e + "HHI", d[p:p + 8])
+        if typ not in _TIFF_TYPES or tag not in (256, 257, 273, 279, 324, 325) or n > 1_000_000:
+            continue
+        code, size = _TIFF_TYPES[typ]
+        where = p + 8 if n * size <= 4 else struct.unpack(e + "I", d[p + 8:p + 12])[0]
+        if where + n * size > len(d):
+            raise IndexError
+        tags[tag] = list(struct.unpack(f"{e}{n}{code}", d[where:where + n * size]))
+    return tags
+
+
+def _tiff_size(d: bytes) -> tuple[int, int]:
+    tags = _tiff_ifd(d)
+    if 256 not in tags or 257 not in tags:
+        raise Rejected("corrupt", "corrupt TIFF: no image width/height in the first directory; re-export the image")
+    return tags[256][0], tags[257][0]
+
+
+def check_complete(data: bytes, header: Header) -> None:
+    """Reject files whose container says more data should follow (interrupted copies)."""
+    fmt, n = header.format, len(data)
+    try:
+        complete = _complete(data, header)
+    except (struct.error, IndexError, ValueError):
+        complete = False
+    if not complete:
+        raise Rejected("truncated", f"truncated {fmt.upper()} file ({n} bytes): the image data ends early; the copy "
+                       "was probably interrupted - send the image again", maybe_incomplete=True)
+
+
+def _complete(data: bytes, header: Header) -> bool:
+    fmt, n = header.format, len(data)
+    complete = True
+    if fmt == "jpeg":
+        complete = data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > 0
+    elif fmt == "png":
+        complete = data.rfind(b"IEND\xaeB`\x82") > 0
+    elif fmt == "webp":
+        complete = n >= struct.unpack("<I", data[4:8])[0] + 8
+    elif fmt == "bmp":
+        offbits = struct.unpack("<I", data[10:14])[0]
+        if struct.unpack("<I", data[14:18])[0] >= 40:
+            bpp, compression = struct.unpack("<HI", data[28:34])
+            if compression in (0, 3, 6) and bpp:
+                complete = n >= offbits + ((header.width * bpp + 31) // 32) * 4 * header.height
+    elif fmt == "tiff":
+        tags = _tiff_ifd(data)
+        for offs, counts in ((273, 279), (324, 325)):
+            if offs in tags and counts in tags:
+                complete = complete and max(o + c for o, c in zip(tags[offs], tags[counts], strict=False)) <= n
+    return complete
+
+
+def reduction_for(header: Header, input_size: int) -> int:
+    """Largest libjpeg scale-down that still leaves twice the model's input size on the short side."""
+    if header.format != "jpeg":
+        return 1
+    short = min(header.width, header.height)
+    for k in (8, 4, 2):
+        if short // k >= 2 * max(input_size, QUALITY_SIDE // 2):
+            return k
+    return 1
+
+
+def decode_pixels(data: bytes, header: Header, reduction: int) -> np.ndarray:
+    """Decode to an EXIF-oriented 8-bit BGR image (OpenCV applies the orientation tag)."""
+    buf = np.frombuffer(data, np.uint8)
+    big = header.format != "jpeg" and header.width * header.height > BIG_DECODE_PIXELS
+    try:
+        if big:
+            with _big_decode:
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        else:
+            img = cv2.imdecode(buf, _REDUCED[reduction])
+    except cv2.error as e:
+        raise Rejected("decode_failed", f"the {header.format.upper()} decoder failed ({str(e).strip().splitlines()[-1]}); "
+                       "the file is damaged - re-export the image") from None
+    except MemoryError:
+        raise Rejected("decode_failed", f"not enough memory to decode this {header.width}x{header.height} image; "
+                       "send a smaller export or lower max_pixels") from None
+    if img is None or img.size == 0:
+        raise Rejected("decode_failed", f"the {header.format.upper()} data could not be decoded: the file is damaged "
+                       "or uses an unsupported variant; re-export the image as a standard JPEG or PNG")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return img
+
+
+def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
+    """Blur and exposure on the image centre at a fixed scale, so numbers compare across cameras.
+
+    The centre avoids the black vignette of dermoscope optics, which would
+    read as clipped shadows and as a sharp edge on every image.
+    """
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    h, w = gray.shape
+    if min(h, w) > QUALITY_SIDE:
+        s = QUALITY_SIDE / min(h, w)
+        gray = cv2.resize(gray, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        h, w = gray.shape
+    centre = gray[int(h * 0.2):max(int(h * 0.8), int(h * 0.2) + 1), int(w * 0.2):max(int(w * 0.8), int(w * 0.2) + 1)]
+    sharpness = float(cv2.Laplacian(centre, cv2.CV_64F).var())
+    brightness = float(centre.mean())
+    dark, bright = float((centre <= 8).mean()), float((centre >= 247).mean())
+    issues = []
+    if sharpness < limits.min_sharpness:
+        issues.append("blurry")
+    if brightness < limits.min_brightness or dark > limits.max_clipped_fraction:
+        issues.append("too_dark")
+    if brightness > limits.max_brightness or bright > limits.max_clipped_fraction:
+        issues.append("overexposed")
+    return Quality(round(sharpness, 2), round(brightness, 2), round(dark, 4), round(bright, 4), tuple(issues))
+
+
+def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: QualityLimits) -> Decoded:
+    """The whole check: header, size limit, completeness, reduced decode, quality, preprocessing."""
+    header = read_header(data)
+    if header.width * header.height > max_pixels:
+        raise Rejected("too_many_pixels", f"image declares {header.width}x{header.height} = "
+                       f"{header.width * header.height / 1e6:.0f} megapixels, above the limit of {max_pixels / 1e6:.0f} "
+                       "(possible decompression bomb); it was not decoded - send a smaller export or raise max_pixels")
+    if min(header.width, header.height) < MIN_SIDE:
+        raise Rejected("too_small", f"image is only {header.width}x{header.height} pixels, too small to screen "
+                       f"(needs at least {MIN_SIDE} on each side); send the original photo")
+    check_complete(data, header)
+    k = reduction_for(header, pre.input_size)
+    bgr = decode_pixels(data, header, k)
+    quality = measure_quality(bgr, limits)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    del bgr
+    tensor = preprocess(rgb, pre)
+    return Decoded(header, k, tensor, quality)

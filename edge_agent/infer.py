@@ -1,0 +1,156 @@
+"""Run the bundle's ONNX model with onnxruntime: primary variant, fallback, spot-checks.
+
+The INT8 model is the fast path on edge CPUs, but a quantized graph can fail
+to load on an unusual CPU or build of onnxruntime. Rather than stop screening,
+the engine switches to the bundle's approved fallback (normally FP32), says so
+loudly, and every result records which variant produced it, so a clinician
+can tell and `edge-agent status` can count it. If no variant runs, it raises:
+files stay in the inbox and nothing is recorded from a broken model.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle, BundleError
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+EventSink = Callable[[str, str], None]
+
+
+class InferenceError(RuntimeError):
+    """No model variant could produce results; the message says what failed and what to do."""
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ConfigError(f"execution provider(s) {missing} are not available in this onnxruntime build; available: "
+                          f"{available}. Fix the `providers` setting (e.g. CPUExecutionProvider)")
+
+
+class Engine:
+    """Owns the onnxruntime sessions; `infer` is called from the single inference thread."""
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1,
+                 on_event: EventSink | None = None) -> None:
+        self.bundle = bundle
+        self.providers = list(providers)
+        self.threads = threads
+        self.on_event = on_event or (lambda kind, detail: None)
+        self.variant: str | None = None
+        self._session: ort.InferenceSession | None = None
+        self._reference: ort.InferenceSession | None = None
+        self._reference_failed = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.variant is not None and self.variant != self.bundle.primary
+
+    @property
+    def can_spot_check(self) -> bool:
+        """FP32 cross-checks make sense only while an INT8 model produces the results."""
+        return self.variant == "int8" and "fp32" in self.bundle.variants and not self._reference_failed
+
+    def _open(self, variant: str) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        # Idle worker threads must sleep, not spin: the box does other work and
+        # the agent is mostly waiting for images.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(self.bundle.model_bytes(variant), sess_options=so, providers=self.providers)
+        inputs = {i.name: i for i in sess.get_inputs()}
+        outputs = {o.name for o in sess.get_outputs()}
+        if self.bundle.input_name not in inputs or self.bundle.output_name not in outputs:
+            raise InferenceError(f"{variant} model has inputs {sorted(inputs)} and outputs {sorted(outputs)}, but the "
+                                 f"manifest says input {self.bundle.input_name!r} and output {self.bundle.output_name!r}; "
+                                 "rebuild the bundle")
+        return sess
+
+    def load(self) -> str:
+        """Open the primary variant (or the fallback if the primary cannot load); returns the variant in use."""
+        b = self.bundle
+        try:
+            self._session, self.variant = self._open(b.primary), b.primary
+        except BundleError:
+            raise
+        except Exception as e:  # onnxruntime raises several unrelated types for a bad model
+            if b.fallback is None:
+                raise InferenceError(f"the {b.primary} model in {b.path} cannot be loaded ({_short(e)}) and the bundle "
+                                     "allows no fallback; rebuild or re-copy the bundle") from e
+            log.error("the %s model cannot be loaded (%s); falling back to the %s model", b.primary, _short(e), b.fallback)
+            self.on_event("fallback", f"{b.primary} failed to load: {_short(e)}; using {b.fallback}")
+            self._switch_to_fallback()
+        assert self.variant is not None
+        return self.variant
+
+    def _switch_to_fallback(self) -> None:
+        b = self.bundle
+        assert b.fallback is not None
+        try:
+            self._session, self.variant = self._open(b.fallback), b.fallback
+        except BundleError:
+            raise
+        except Exception as e:
+            raise InferenceError(f"the fallback {b.fallback} model cannot be loaded either ({_short(e)}); "
+                                 "rebuild or re-copy the bundle") from e
+
+    def _run(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+        out = sess.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
+        out = np.asarray(out)
+        if out.shape != (x.shape[0], len(self.bundle.labels)) or not np.all(np.isfinite(out)):
+            raise InferenceError(f"model output has shape {out.shape} (expected {(x.shape[0], len(self.bundle.labels))}) "
+                                 "or non-finite values")
+        return out
+
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, str]:
+        """Logits for a float32 NCHW batch and the variant that produced them."""
+        with self._lock:
+            if self._session is None:
+                self.load()
+            assert self._session is not None and self.variant is not None
+            try:
+                return self._run(self._session, x), self.variant
+            except Exception as e:
+                b = self.bundle
+                if self.variant == b.fallback or b.fallback is None:
+                    raise InferenceError(f"the {self.variant} model failed to run ({_short(e)}) and no other variant is "
+                                         "allowed; images stay in the inbox - check the bundle with "
+                                         "`edge-agent model verify` and restart") from e
+                log.error("the %s model failed to run (%s); switching to the %s model", self.variant, _short(e), b.fallback)
+                self.on_event("fallback", f"{self.variant} failed to run: {_short(e)}; using {b.fallback}")
+                self._switch_to_fallback()
+                try:
+                    return self._run(self._session, x), self.variant
+                except Exception as e2:
+                    raise InferenceError(f"the fallback {self.variant} model failed to run too ({_short(e2)}); images stay "
+                                         "in the inbox - rebuild the bundle") from e2
+
+    def reference(self, x: np.ndarray) -> np.ndarray | None:
+        """FP32 logits for spot-checking INT8 results; None when unavailable (logged once)."""
+        if not self.can_spot_check:
+            return None
+        try:
+            if self._reference is None:
+                self._reference = self._open("fp32")
+            return self._run(self._reference, x)
+        except Exception as e:
+            self._reference_failed = True
+            log.warning("FP32 spot-checks disabled: the FP32 model cannot run (%s)", _short(e))
+            self.on_event("spot_check_disabled", f"fp32 cannot run: {_short(e)}")
+            return None
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"

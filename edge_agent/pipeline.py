@@ -1,0 +1,545 @@
+"""The screening pipeline: intake -> hash/decode -> batched inference -> commit -> file moves.
+
+Stages overlap instead of adding up: a small pool hashes, decodes and
+preprocesses (OpenCV and hashlib release the GIL), one thread runs batches
+through onnxruntime, and one thread owns the database (commit.py) and moves
+files only after their outcome is durable. The main thread only decides
+which files are ready (intake.py) and keeps systemd informed. At most
+`queue_max` files are in flight, which bounds memory however many arrive;
+the rest wait in the inbox as mere paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .commit import STOP, Claims, Committer, Job, Outcome
+from .config import ConfigError, Settings
+from .decode import QualityLimits, Rejected, decode_image
+from .infer import Engine, InferenceError, check_providers
+from .intake import Intake, Vanished, read_file
+from .notify import Notifier
+from .store import Reader, Writer, now_iso
+from .triage import Policy, softmax, triage
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.1
+STATE_SECONDS = 5.0
+DISK_SECONDS = 10.0
+INTAKE_LIMIT = 10_000  # paths held in memory at most; the rest wait in the inbox for the next rescan
+
+
+@dataclass
+class Counts:
+    results: int = 0
+    flagged: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+    vanished: int = 0
+    fallbacks: int = 0
+
+    def total(self) -> int:
+        return self.results + self.quarantined + self.duplicates + self.already_done + self.vanished
+
+
+class Agent:
+    """Runs the pipeline as a daemon (`run`) or once over the inbox (`scan`)."""
+
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, one_shot: bool = False,
+                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+        self.s = settings
+        self.notifier = notifier or Notifier({})
+        self.one_shot = one_shot
+        self.on_outcome = on_outcome
+        self.inbox = Path(os.path.abspath(settings.inbox_dir))
+        self._inbox_real = Path(os.path.realpath(self.inbox))
+        self.processed = Path(os.path.abspath(settings.processed_path))
+        self.quarantine = Path(os.path.abspath(settings.quarantine_path))
+        self.counts = Counts()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()  # set once the daemon watches the inbox (READY=1 for systemd)
+        self._fatal: str | None = None
+        self.paused: str | None = None
+        self.wake: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
+        self.claims = Claims()
+        self.prep_q: queue.Queue[Any] = queue.Queue()
+        self.infer_q: queue.Queue[Any] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._infer_thread: threading.Thread | None = None
+        self._writer_thread: threading.Thread | None = None
+        self._counts_lock = threading.Lock()
+        self.started_at = now_iso()
+        # One line per image suits the journal; an interactive scan shows a progress bar instead.
+        self._detail = logging.DEBUG if one_shot else logging.INFO
+        self.bundle: Bundle
+        self.engine: Engine
+        self.committer: Committer | None = None
+
+    @property
+    def fatal(self) -> str | None:
+        """Why the agent must stop, if it must: files not yet committed stay in the inbox."""
+        return self._fatal or (self.committer.fatal if self.committer else None)
+
+    @property
+    def db_error(self) -> str | None:
+        return self.committer.db_error if self.committer else None
+
+    # --- start-up ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Validate everything, open the database, start the stages and begin the initial scan.
+
+        Expensive work is ordered so the first image is decoding while the
+        model loads: both have to happen before the first result.
+        """
+        s = self.s
+        if not self.inbox.is_dir():
+            raise ConfigError(f"inbox {self.inbox} does not exist or is not a folder: create it or fix --inbox")
+        self._prepare_dirs()
+        self.bundle = load_bundle(s.model_path)
+        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
+        check_providers(s.providers)
+        self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
+        self.store = Writer(s.db_path, self.bundle.labels)
+        self._reconcile()
+        self.reader = Reader(s.db_path)
+        self.engine = Engine(self.bundle, s.providers, s.threads, on_event=self._event)
+        self.intake = Intake(self.inbox, [self.processed, self.quarantine], s.quiet_seconds,
+                             s.partial_timeout_seconds, limit=max(INTAKE_LIMIT, 4 * s.queue_max))
+        self.committer = Committer(s, self.store, self.intake, self.claims, self.processed, self.quarantine,
+                                   on_finished=self._finished, on_commit=lambda: self.wake.put(("wake", "", "")),
+                                   stopping=self.stopping)
+        self._writer_thread = self._spawn(self.committer.loop, "writer")
+        self._check_disk()
+        for i in range(s.workers):
+            self._threads.append(self._spawn(self._prep_loop, f"prep-{i}"))
+        self.initial_files = self.intake.scan(initial=True)
+        self._dispatch()
+        try:
+            variant = self.engine.load()
+        except Exception:
+            self.shutdown()
+            raise
+        log.info("model %s loaded (%s%s) from %s", self.bundle.model_id, variant,
+                 ", FALLBACK" if self.engine.is_fallback else "", self.bundle.path)
+        self._infer_thread = self._spawn(self._infer_loop, "infer")
+        self._event("start", f"{'scan' if self.one_shot else 'run'} pid={os.getpid()} model={self.bundle.model_id} "
+                             f"variant={variant}")
+        self._post_state()
+
+    def _prepare_dirs(self) -> None:
+        try:
+            if not self.quarantine.exists():
+                self.quarantine.mkdir(parents=True, mode=0o700)
+            if self.s.after == "move":
+                self.processed.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {e.filename} ({e.strerror}): create it or choose another "
+                              "processed_dir/quarantine_dir") from None
+
+    def _spawn(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        t = threading.Thread(target=self._guard(fn, name), name=f"edge-agent-{name}", daemon=True)
+        t.start()
+        return t
+
+    def _guard(self, fn: Callable[[], None], name: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # a dead stage must stop the agent, not leave it half-working
+                log.exception("the %s thread failed", name)
+                self._fatal = self._fatal or f"internal error in the {name} thread: {type(e).__name__}: {e}"
+                self.wake.put(("wake", "", ""))
+        return run
+
+    def _reconcile(self) -> None:
+        """Finish the bookkeeping of rows whose file was moved/deleted just before a crash.
+
+        Rows whose file is still in the inbox are left alone: the scan finds
+        the file, recognizes it by path and hash, and finishes the move.
+        """
+        fixed = 0
+        with self.store.transaction():
+            for r in self.store.pending():
+                if os.path.lexists(r["original_path"]):
+                    continue
+                stored = r["stored_path"]
+                state = "moved" if stored and os.path.lexists(stored) else "deleted" if not stored else "missing"
+                if state == "missing":
+                    log.warning("%s was recorded but is neither in the inbox nor at %s; marking it missing",
+                                r["original_path"], stored)
+                self.store.set_file_state(r["table"], r["id"], state)
+                fixed += 1
+        if fixed:
+            log.info("finished the bookkeeping of %d file(s) moved before the last stop", fixed)
+
+    # --- main loops ----------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        """Daemon: process the inbox, then watch it until `stop` is set. Returns the exit code."""
+        from .watch import InboxWatcher, apply
+
+        self.start()
+        watcher = InboxWatcher(self.inbox)
+        watcher.events = self.wake  # one queue wakes the loop, for file events and finished work alike
+        try:
+            watcher.start()
+            self.intake.scan()  # catch files that arrived between the first scan and the watch
+            self.notifier.ready(self._status_line())
+            self.ready.set()
+            log.info("watching %s (after=%s, processed=%s, quarantine=%s)", self.inbox, self.s.after,
+                     self.processed, self.quarantine)
+            now = time.monotonic()
+            next_rescan, next_state, next_disk, next_ping = (now + self.s.rescan_seconds, now + STATE_SECONDS,
+                                                            now + DISK_SECONDS, now)
+            while not stop.is_set() and self.fatal is None:
+                self._drain_wake(apply, TICK_SECONDS)
+                now = time.monotonic()
+                if now >= next_rescan or (self.intake.overflowed and self.intake.backlog < self.intake.limit // 2):
+                    self.intake.scan()
+                    next_rescan = now + self.s.rescan_seconds
+                if now >= next_disk:
+                    self._check_disk()
+                    next_disk = now + DISK_SECONDS
+                self.intake.poll()
+                self._dispatch()
+                if self.notifier.watchdog_interval and now >= next_ping and self.healthy():
+                    self.notifier.watchdog()
+                    next_ping = now + self.notifier.watchdog_interval
+                if now >= next_state:
+                    self._post_state()
+                    self.notifier.status(self._status_line())
+                    next_state = now + STATE_SECONDS
+                if not watcher.alive():
+                    log.warning("the file watcher stopped; restarting it (rescans continue meanwhile)")
+                    watcher.start()
+        finally:
+            self.notifier.stopping("finishing the batch in flight")
+            log.info("stopping: finishing the images in flight")
+            watcher.stop()
+            self.shutdown()
+        if self.fatal:
+            log.error("%s", self.fatal)
+            return 3
+        log.info("stopped: %d screened, %d flagged, %d quarantined, %d duplicates", self.counts.results,
+                 self.counts.flagged, self.counts.quarantined, self.counts.duplicates)
+        return 0
+
+    def scan(self, progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
+             stop: threading.Event | None = None) -> int:
+        """One pass over what is in the inbox now; returns the exit code (0: every file got an outcome)."""
+        self.start()
+        if self.paused:
+            self.shutdown()
+            self._fatal = f"not enough disk space to record results: {self.paused}"
+            log.error("%s", self._fatal)
+            return 3
+        total = max(self.intake.outstanding(), self.initial_files)
+        if on_total:
+            on_total(total)
+        reported = 0
+        try:
+            while ((self.intake.outstanding() > 0 or self.intake.overflowed) and self.fatal is None
+                   and not (stop and stop.is_set())):
+                self._drain_wake(None, TICK_SECONDS)
+                if self.intake.overflowed and self.intake.backlog < self.intake.limit // 2:
+                    self.intake.scan(initial=True)  # more files than paths held: take the next share
+                self.intake.poll()
+                self._dispatch()
+                done = self.counts.total()
+                if progress and done > reported:
+                    progress(done - reported)
+                    reported = done
+        finally:
+            self.shutdown()
+        if progress and self.counts.total() > reported:
+            progress(self.counts.total() - reported)
+        if self.fatal:
+            log.error("%s", self.fatal)
+            return 3
+        return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
+
+    def _drain_wake(self, apply: Callable[..., None] | None, timeout: float) -> None:
+        try:
+            ev = self.wake.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if ev[0] != "wake" and apply is not None:
+                apply(ev, self.intake)
+            try:
+                ev = self.wake.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self) -> None:
+        if self.paused or self.db_error or self.stopping.is_set() or self.fatal:
+            return
+        room = self.s.queue_max - self.intake.inflight
+        if room > 0:
+            for cand in self.intake.take(room):
+                self.prep_q.put(Job(cand))
+
+    def healthy(self) -> bool:
+        """All stages alive and the writer loop turning: what the systemd watchdog vouches for."""
+        threads = [*self._threads, self._writer_thread] + ([self._infer_thread] if self._infer_thread else [])
+        return (self.fatal is None and all(t is not None and t.is_alive() for t in threads)
+                and self.committer is not None and time.monotonic() - self.committer.tick < 60)
+
+    def shutdown(self) -> None:
+        """Stop taking files, let the stages finish what they hold, commit, close."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        for _ in self._threads:
+            self.prep_q.put(STOP)
+        for t in self._threads:
+            t.join()
+        if self._infer_thread is not None:
+            self.infer_q.put(STOP)
+            self._infer_thread.join()
+        if self._writer_thread is not None:
+            self._post_state(stopped=True)
+            self._emit(STOP)
+            self._writer_thread.join()
+        if hasattr(self, "store"):
+            self.store.close()
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def _event(self, kind: str, detail: str) -> None:
+        self._emit(("event", kind, detail))
+
+    def _post_state(self, stopped: bool = False) -> None:
+        engine = getattr(self, "engine", None)
+        self._emit(("state", {
+            "pid": os.getpid(), "mode": "scan" if self.one_shot else "run", "started_at": self.started_at,
+            "heartbeat": now_iso(), "stopped_at": now_iso() if stopped else "",
+            "model_id": self.bundle.model_id, "model_path": str(self.bundle.path),
+            "model_variant": engine.variant if engine else "", "model_primary": self.bundle.primary,
+            "model_fallback_active": int(bool(engine and engine.is_fallback)),
+            "inbox": str(self.inbox), "processed_dir": str(self.processed), "quarantine_dir": str(self.quarantine),
+            "backlog": self.intake.backlog + self.intake.inflight, "paused": self.paused or self.db_error or "",
+        }))
+
+    def _status_line(self) -> str:
+        c = self.counts
+        return (f"screened {c.results}, flagged {c.flagged}, quarantined {c.quarantined}, duplicates {c.duplicates}, "
+                f"backlog {self.intake.backlog}" + (f", PAUSED: {self.paused}" if self.paused else ""))
+
+    def _check_disk(self) -> None:
+        """Pause intake while a disk we write to is nearly full, rather than fail mid-batch."""
+        need = self.s.min_free_mb * 1024 * 1024
+        low = []
+        for path in {self.s.db_path.parent, self.quarantine, *([self.processed] if self.s.after == "move" else [])}:
+            try:
+                free = shutil.disk_usage(path).free
+            except OSError:
+                continue
+            if free < need:
+                low.append(f"{path} has {free / 2**20:.0f} MiB free (< min_free_mb {self.s.min_free_mb:.0f})")
+        reason = "; ".join(low) or None
+        if reason and not self.paused:
+            log.warning("pausing intake: %s; free some space, the agent resumes by itself", reason)
+            self._event("paused", reason)
+        elif self.paused and not reason:
+            log.info("disk space recovered; resuming intake")
+            self._event("resumed", "")
+        if reason != self.paused:
+            self.paused = reason
+            self._post_state()
+
+    # --- stage 1+2: read, hash, decode ---------------------------------------------------
+
+    def _prep_loop(self) -> None:
+        while True:
+            job = self.prep_q.get()
+            if job is STOP:
+                self.reader.close()  # this thread's read connection; lets the writer's close drop the WAL
+                return
+            if self.stopping.is_set():
+                self.intake.done(job.cand.rel)  # not started: it stays in the inbox for next time
+                continue
+            try:
+                self._prepare(job)
+            except Exception as e:
+                log.exception("unexpected error while checking %s", job.cand.path)
+                self._emit(Outcome("quarantine", job, code="internal_error",
+                                   reason=f"the agent failed while checking this file ({type(e).__name__}: {e}); "
+                                          "please report this with the file; move it back into the inbox to retry"))
+
+    def _emit(self, item: Any) -> None:
+        assert self.committer is not None
+        self.committer.put(item)
+
+    def _prepare(self, job: Job) -> None:
+        c = job.cand
+        try:
+            got = read_file(c.path, self._inbox_real, int(self.s.max_file_mb * 2**20))
+        except Vanished:
+            self._emit(Outcome("vanished", job))
+            return
+        job.sha256, job.size, data = got.sha256, got.size, got.data
+        # This very file (same path, same content) may already have a committed outcome: a crash came
+        # before its move, or after=keep left it here. Then only the move is owed, not a second row.
+        rec = self.reader.recorded(str(c.path), job.sha256, ("pending", "kept"))
+        if rec is not None:
+            kind = "skip" if rec["file_state"] == "kept" and self.s.after == "keep" else "finish"
+            self._emit(Outcome(kind, job, existing=rec))
+            return
+        if got.problem is not None:
+            self._emit(Outcome("quarantine", job, code=got.problem[0], reason=got.problem[1]))
+            return
+        assert data is not None and job.sha256 is not None
+        if c.abandoned:
+            self._emit(Outcome("quarantine", job, code="abandoned_partial", reason=(
+                f"'{Path(c.rel).name}' has a temporary upload name and did not change for "
+                f"{self.s.partial_timeout_seconds:.0f} s without being renamed: the transfer was probably interrupted; "
+                "send the image again")))
+            return
+        if not self.claims.claim(job.sha256, job):
+            return  # an identical file is in flight; this one becomes its duplicate once that is committed
+        job.claimed = True
+        rid = self.reader.result_id(job.sha256)
+        if rid is not None:
+            self._emit(Outcome("duplicate", job, result_id=rid))
+            return
+        try:
+            job.decoded = decode_image(data, self.bundle.preprocessing, self.s.max_pixels, self.limits)
+        except Rejected as r:
+            if c.provisional:  # taken early at start-up: maybe it is still being written
+                self._emit(Outcome("recheck", job, code=r.code, reason=r.reason))
+            elif r.maybe_incomplete and not (self.one_shot or c.final):
+                self._emit(Outcome("defer", job, code=r.code, reason=r.reason))
+            else:
+                reason = r.reason
+                if r.maybe_incomplete and c.final and not self.one_shot:
+                    reason += f" (unchanged for {self.s.partial_timeout_seconds:.0f} s)"
+                self._emit(Outcome("quarantine", job, code=r.code, reason=reason))
+            return
+        del data
+        self.infer_q.put(job)
+
+    # --- stage 3+4: inference and triage -----------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        bs = self.s.batch_size
+        while True:
+            job = self.infer_q.get()
+            if job is STOP:
+                return
+            batch, last = [job], False
+            while len(batch) < bs:
+                try:
+                    j = self.infer_q.get_nowait()
+                except queue.Empty:
+                    break
+                if j is STOP:
+                    last = True
+                    break
+                batch.append(j)
+            try:
+                self._infer_batch(batch)
+            except InferenceError as e:
+                self._fatal = str(e)
+                self.wake.put(("wake", "", ""))
+                return
+            if last:
+                return
+
+    def _spot_selected(self, sha256: str) -> bool:
+        """Deterministic by content, so a re-run checks the same images."""
+        f = self.s.spot_check_fraction
+        return f > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < f
+
+    def _infer_batch(self, batch: list[Job]) -> None:
+        x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
+        logits, variant = self.engine.infer(x)
+        b, policy = self.bundle, self.policy
+        probs = softmax(logits, b.temperature)
+        ref: dict[int, np.ndarray] = {}
+        if self.engine.can_spot_check:
+            idx = [i for i, j in enumerate(batch) if j.sha256 and self._spot_selected(j.sha256)]
+            if idx:
+                r = self.engine.reference(x[idx])
+                if r is not None:
+                    ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
+        processed_at = now_iso()
+        done = time.monotonic()
+        fallback = variant != b.primary
+        for i, j in enumerate(batch):
+            d = j.decoded
+            assert d is not None
+            spot_label, disagree = None, False
+            if i in ref:
+                mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
+                spot_label = theirs.label
+                disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
+            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
+            row = {
+                "sha256": j.sha256, "processed_at": processed_at, "model_id": b.model_id, "model_variant": variant,
+                "fallback": int(fallback), "label": t.label, "label_name": b.label_names.get(t.label, t.label),
+                "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
+                "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},
+                "needs_review": int(t.needs_review), "review_reasons": ",".join(t.reasons),
+                "high_risk_rules": ",".join(t.rules_hit), "quality_issues": ",".join(d.quality.issues),
+                "sharpness": d.quality.sharpness, "brightness": d.quality.brightness,
+                "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
+                "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
+                "decode_reduction": d.reduction, "spot_checked": int(i in ref), "spot_label": spot_label,
+                "latency_ms": round((done - j.cand.dispatched) * 1000, 1),
+            }
+            j.decoded = None
+            self._emit(Outcome("result", j, row=row))
+
+    def _finished(self, o: Outcome) -> None:
+        c = o.job.cand
+        kind = o.kind
+        if kind == "defer":
+            log.info("%s looks incomplete (%s); waiting for the rest of it", c.rel, o.code)
+            self.intake.done(c.rel, defer=True)
+            return
+        if kind == "recheck":
+            log.debug("%s changed just before start-up and failed its checks (%s); looking again once it is "
+                      "quiet", c.rel, o.code)
+            self.intake.done(c.rel, recheck=True)
+            return
+        self.intake.done(c.rel, settle=o.settle)
+        with self._counts_lock:
+            if kind == "result":
+                self.counts.results += 1
+                self.counts.flagged += o.row.get("needs_review", 0)
+                self.counts.fallbacks += o.row.get("fallback", 0)
+                log.log(self._detail, "result %s: %s %.2f%s (%s, %s ms)", c.rel, o.row["label"],
+                        o.row["confidence"], f" REVIEW: {o.row['review_reasons']}" if o.row["review_reasons"] else "",
+                        o.row["model_variant"], o.row["latency_ms"])
+            elif kind == "duplicate":
+                self.counts.duplicates += 1
+                log.log(self._detail, "duplicate %s: same image as result #%s", c.rel, o.result_id)
+            elif kind == "quarantine":
+                self.counts.quarantined += 1
+                log.warning("quarantined %s (%s): %s", c.rel, o.code, o.reason)
+            elif kind in ("finish", "skip"):
+                self.counts.already_done += 1
+                log.log(self._detail, "%s was already recorded (%s #%s); %s", c.rel, o.table, o.row_id,
+                        "finished moving it" if kind == "finish" else "kept it")
+            elif kind == "vanished":
+                self.counts.vanished += 1
+                log.info("%s disappeared from the inbox before it could be read", c.rel)
+        if self.on_outcome is not None:
+            self.on_outcome(o)
+
+

@@ -1,0 +1,348 @@
+"""The results database: one SQLite file a clinician can open with sqlite3 or datasette.
+
+One row per image in exactly one of `results`, `duplicates` or `quarantine`,
+keyed by content (sha256). Each row carries `file_state`, the state of the
+inbox file it came from: 'pending' means the row is committed but the file
+has not been moved yet, so after a crash the agent finishes the move instead
+of recording the image twice. WAL lets the CLI and datasette read while the
+single writer thread commits; synchronous=FULL makes a commit durable before
+the file it describes leaves the inbox. All SQL takes parameters; the only
+identifiers built from data are `p_<label>` columns, and labels are validated
+as plain identifiers when the bundle is verified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .bundle import LABEL_RE
+
+SCHEMA_VERSION = 1
+TABLES = ("results", "duplicates", "quarantine")
+FILE_STATES = ("pending", "moved", "deleted", "kept", "missing")
+BUSY_TIMEOUT_MS = 10_000
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or is from a newer agent; the message says what to do."""
+
+
+def now_iso() -> str:
+    """UTC timestamp with a fixed width, so text comparison is time comparison."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 (and its folder 0700 if new): it holds patient-derived data."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database with the agent's pragmas; read-only connections never create it."""
+    if readonly:
+        if not path.exists():
+            raise StoreError(f"no database at {path}: run `edge-agent run` or `edge-agent scan` first, or pass the "
+                             "right --db")
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
+    else:
+        try:
+            _create_private(path)
+        except OSError as e:
+            raise StoreError(f"cannot create the database {path} ({e}); check the folder exists and is writable "
+                             "by the agent's user") from None
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not readonly:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{path} cannot use WAL journaling (got {mode}); put the database on a local disk")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise StoreError(f"{path} is not a usable SQLite database ({e}); move it away or pass another --db") from None
+    return conn
+
+
+# --- schema -----------------------------------------------------------------
+
+def _migration_1(db: Any) -> None:
+    """Initial schema: results, duplicates, quarantine, events, agent_state."""
+    db["results"].create({
+        "id": int, "sha256": str, "original_name": str, "original_path": str, "stored_path": str, "file_state": str,
+        "received_at": str, "processed_at": str, "model_id": str, "model_variant": str, "fallback": int,
+        "label": str, "label_name": str, "confidence": float, "p_high_risk": float, "probabilities": str,
+        "needs_review": int, "review_reasons": str, "high_risk_rules": str, "quality_issues": str,
+        "sharpness": float, "brightness": float, "clipped_dark": float, "clipped_bright": float,
+        "image_format": str, "width": int, "height": int, "decode_reduction": int,
+        "spot_checked": int, "spot_label": str, "latency_ms": float,
+    }, pk="id", not_null=["sha256", "original_name", "original_path", "file_state", "received_at", "processed_at",
+                          "model_id", "model_variant", "fallback", "label", "confidence", "probabilities",
+                          "needs_review", "review_reasons"],
+        defaults={"fallback": 0, "needs_review": 0, "review_reasons": "", "spot_checked": 0}, if_not_exists=True)
+    db["duplicates"].create({
+        "id": int, "sha256": str, "result_id": int, "original_name": str, "original_path": str, "stored_path": str,
+        "file_state": str, "received_at": str, "recorded_at": str,
+    }, pk="id", foreign_keys=[("result_id", "results", "id")],
+        not_null=["sha256", "result_id", "original_name", "original_path", "file_state", "received_at", "recorded_at"],
+        if_not_exists=True)
+    db["quarantine"].create({
+        "id": int, "sha256": str, "original_name": str, "original_path": str, "stored_path": str, "file_state": str,
+        "reason_code": str, "reason": str, "size_bytes": int, "received_at": str, "quarantined_at": str,
+    }, pk="id", not_null=["original_name", "original_path", "file_state", "reason_code", "reason", "received_at",
+                          "quarantined_at"], if_not_exists=True)
+    db["events"].create({"id": int, "at": str, "kind": str, "detail": str}, pk="id", not_null=["at", "kind"],
+                        if_not_exists=True)
+    db["agent_state"].create({"key": str, "value": str, "updated_at": str}, pk="key", if_not_exists=True)
+    db["schema_version"].create({"version": int, "applied_at": str, "description": str}, pk="version",
+                                if_not_exists=True)
+    for table, cols, unique in (("results", ["sha256"], True), ("results", ["processed_at"], False),
+                                ("results", ["needs_review", "processed_at"], False), ("results", ["label"], False),
+                                ("results", ["original_path"], False), ("duplicates", ["sha256"], False),
+                                ("duplicates", ["original_path"], False), ("quarantine", ["original_path"], False),
+                                ("quarantine", ["quarantined_at"], False), ("events", ["kind", "at"], False)):
+        db[table].create_index(cols, unique=unique, if_not_exists=True)
+
+
+MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1)]
+
+
+def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
+    """Bring the schema to SCHEMA_VERSION and make sure every label has its p_<label> column.
+
+    Each migration is idempotent (IF NOT EXISTS), runs in a transaction and
+    bumps PRAGMA user_version last, so an interrupted migration simply reruns.
+    """
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"the database schema is version {current}, newer than this agent understands "
+                         f"({SCHEMA_VERSION}); upgrade edge-agent - the database was not modified")
+    if current < SCHEMA_VERSION:
+        import sqlite_utils  # only needed to create/migrate; keeps restarts fast
+
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        for version, description, fn in MIGRATIONS:
+            if version <= current:
+                continue
+            with db.atomic():
+                fn(db)
+                conn.execute("INSERT OR REPLACE INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
+                             (version, now_iso(), description))
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+    have = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+    missing = [lab for lab in labels if f"p_{lab}" not in have]
+    if missing:
+        import sqlite_utils
+
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        with db.atomic():
+            for lab in missing:
+                if not LABEL_RE.match(lab):
+                    raise StoreError(f"label {lab!r} is not a plain identifier; rebuild the bundle")
+                db.table("results").add_column(f"p_{lab}", float)
+
+
+# --- writing (writer thread only) ---------------------------------------------
+
+class Writer:
+    """The one connection that writes. Not thread-safe by design: only the writer thread uses it."""
+
+    def __init__(self, path: Path, labels: Sequence[str]) -> None:
+        self.path = path
+        self.conn = connect(path)
+        migrate(self.conn, labels)
+        self.labels = tuple(labels)
+        self._in_tx = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        else:
+            self.conn.commit()
+
+    def result_id(self, sha256: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM results WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def insert_result(self, row: dict[str, Any]) -> int | None:
+        """Insert a result; None if a result with this sha256 exists (caller records a duplicate)."""
+        row = dict(row)
+        probs = row.pop("probabilities")
+        for lab in self.labels:
+            row[f"p_{lab}"] = probs.get(lab)
+        row["probabilities"] = json.dumps(probs, separators=(",", ":"))
+        return self._insert("results", row, or_ignore=True)
+
+    def insert_duplicate(self, row: dict[str, Any]) -> int:
+        rid = self._insert("duplicates", row)
+        assert rid is not None
+        return rid
+
+    def insert_quarantine(self, row: dict[str, Any]) -> int:
+        rid = self._insert("quarantine", row)
+        assert rid is not None
+        return rid
+
+    def _insert(self, table: str, row: dict[str, Any], or_ignore: bool = False) -> int | None:
+        assert table in TABLES
+        cols = list(row)
+        sql = (f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO {table} ({', '.join(cols)}) "
+               f"VALUES ({', '.join('?' for _ in cols)})")
+        cur = self.conn.execute(sql, [row[c] for c in cols])
+        return int(cur.lastrowid) if cur.rowcount == 1 and cur.lastrowid is not None else None
+
+    def set_file_state(self, table: str, row_id: int, state: str, stored_path: str | None = None) -> None:
+        assert table in TABLES and state in FILE_STATES
+        if stored_path is None:
+            self.conn.execute(f"UPDATE {table} SET file_state = ? WHERE id = ?", (state, row_id))
+        else:
+            self.conn.execute(f"UPDATE {table} SET file_state = ?, stored_path = ? WHERE id = ?",
+                              (state, stored_path, row_id))
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Rows whose file was not yet moved/deleted when the agent last stopped."""
+        out = []
+        for table in TABLES:
+            for r in self.conn.execute(f"SELECT id, original_path, stored_path FROM {table} WHERE file_state = 'pending'"):
+                out.append({"table": table, "id": r[0], "original_path": r[1], "stored_path": r[2]})
+        return out
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.conn.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (now_iso(), kind, detail))
+
+    def set_state(self, values: dict[str, Any]) -> None:
+        t = now_iso()
+        self.conn.executemany(
+            "INSERT INTO agent_state (key, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            [(k, None if v is None else str(v), t) for k, v in values.items()])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- reading (any thread; one connection per thread) ------------------------------
+
+class Reader:
+    """Lookups the hashing workers need before deciding what a file is; one read connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, readonly=True)
+        return conn
+
+    def result_id(self, sha256: str) -> int | None:
+        row = self._conn().execute("SELECT id FROM results WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def recorded(self, original_path: str, sha256: str | None, states: Iterable[str]) -> dict[str, Any] | None:
+        """An existing row for this very inbox file (same path and content) in one of `states`."""
+        states = tuple(states)
+        marks = ", ".join("?" for _ in states)
+        for table in TABLES:
+            if sha256 is None and table != "quarantine":
+                continue
+            sql = (f"SELECT id, stored_path, file_state FROM {table} WHERE original_path = ? AND "
+                   f"{'sha256 IS NULL' if sha256 is None else 'sha256 = ?'} AND file_state IN ({marks}) "
+                   "ORDER BY id DESC LIMIT 1")
+            params = (original_path, *(() if sha256 is None else (sha256,)), *states)
+            row = self._conn().execute(sql, params).fetchone()
+            if row is not None:
+                return {"table": table, "id": row[0], "stored_path": row[1], "file_state": row[2]}
+        return None
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+# --- queries for the CLI ---------------------------------------------------------------
+
+RESULT_TABLE_COLUMNS = ("id", "processed_at", "original_name", "label", "confidence", "needs_review",
+                        "review_reasons", "model_variant")
+
+
+def query_results(conn: sqlite3.Connection, flagged: bool = False, since: str | None = None,
+                  label: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if flagged:
+        where.append("needs_review = 1")
+    if since:
+        where.append("processed_at >= ?")
+        params.append(since)
+    if label:
+        where.append("label = ?")
+        params.append(label)
+    sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY processed_at, id"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [dict(r) for r in conn.execute(sql, params)]
+
+
+def status(conn: sqlite3.Connection, recent: int = 200) -> dict[str, Any]:
+    """Counts and agent state for `edge-agent status`."""
+    def one(sql: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(sql, params).fetchone()[0]
+
+    state = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM agent_state")}
+    state_times = {r["key"]: r["updated_at"] for r in conn.execute("SELECT key, updated_at FROM agent_state")}
+    recent_rows = conn.execute("SELECT fallback FROM results ORDER BY id DESC LIMIT ?", (recent,)).fetchall()
+    recent_fallbacks = sum(r[0] for r in recent_rows)
+    last = [one("SELECT max(processed_at) FROM results"), one("SELECT max(quarantined_at) FROM quarantine"),
+            one("SELECT max(recorded_at) FROM duplicates")]
+    return {
+        "results": one("SELECT count(*) FROM results"),
+        "flagged": one("SELECT count(*) FROM results WHERE needs_review = 1"),
+        "high_risk": one("SELECT count(*) FROM results WHERE review_reasons LIKE '%high_risk%'"),
+        "poor_quality": one("SELECT count(*) FROM results WHERE review_reasons LIKE '%poor_quality%'"),
+        "disagreements": one("SELECT count(*) FROM results WHERE review_reasons LIKE '%model_disagreement%'"),
+        "quarantined": one("SELECT count(*) FROM quarantine"),
+        "duplicates": one("SELECT count(*) FROM duplicates"),
+        "files_not_moved": sum(one(f"SELECT count(*) FROM {t} WHERE file_state = 'pending'") for t in TABLES),
+        "last_activity": max((x for x in last if x), default=None),
+        "fallback_results": one("SELECT count(*) FROM results WHERE fallback = 1"),
+        "fallback_events": one("SELECT count(*) FROM events WHERE kind = 'fallback'"),
+        "recent_results": len(recent_rows),
+        "recent_fallbacks": recent_fallbacks,
+        "recent_fallback_fraction": (recent_fallbacks / len(recent_rows)) if recent_rows else 0.0,
+        "models_used": [dict(r) for r in conn.execute(
+            "SELECT model_id, model_variant, count(*) AS results FROM results GROUP BY model_id, model_variant "
+            "ORDER BY max(id) DESC")],
+        "agent": state,
+        "agent_updated_at": state_times.get("heartbeat"),
+        "schema_version": one("PRAGMA user_version"),
+    }

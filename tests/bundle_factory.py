@@ -1,0 +1,117 @@
+"""Build small but real model bundles for the agent tests (docs/bundle-format.md).
+
+The classifier is a genuine ONNX graph that onnxruntime executes:
+input [batch,3,S,S] -> GlobalAveragePool and GlobalMaxPool -> concat ->
+Gemm -> logits [batch,7], opset 17, dynamic batch, fixed random weights.
+Its answers are meaningless medically but depend on the image, which is all
+the plumbing tests need. `write_manifest` is reusable for any bundle folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+LABEL_NAMES = {"akiec": "Actinic keratosis / intraepithelial carcinoma", "bcc": "Basal cell carcinoma",
+               "bkl": "Benign keratosis-like lesion", "df": "Dermatofibroma", "mel": "Melanoma",
+               "nv": "Melanocytic nevus", "vasc": "Vascular lesion"}
+HIGH_RISK = ["mel", "bcc", "akiec"]
+SIZE = 32
+
+
+def tiny_classifier(seed: int = 0, size: int = SIZE, n_classes: int = len(LABELS), scale: float = 4.0) -> bytes:
+    """Serialized ONNX model: pooled colour statistics -> linear layer -> logits."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((6, n_classes)) * scale).astype(np.float32)
+    b = (rng.standard_normal(n_classes) * 0.5).astype(np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["avg"]),
+        helper.make_node("GlobalMaxPool", ["input"], ["max"]),
+        helper.make_node("Concat", ["avg", "max"], ["cat"], axis=1),
+        helper.make_node("Flatten", ["cat"], ["feat"], axis=1),
+        helper.make_node("Gemm", ["feat", "W", "B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_derm_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edge-agent-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def default_manifest(size: int = SIZE) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "model_id": "test-tiny-32-00000000-000000",  # suffix fixed up by write_manifest
+        "created_at": "2026-11-21T00:00:00Z",
+        "build_command": "tests/bundle_factory.py",
+        "labels": list(LABELS),
+        "label_names": dict(LABEL_NAMES),
+        "high_risk_labels": list(HIGH_RISK),
+        "preprocessing": {"input_size": size, "color_order": "RGB", "resize": "shorter_side_center_crop",
+                          "interpolation": "area", "color_constancy": "shades_of_gray", "shades_of_gray_p": 6,
+                          "mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0], "layout": "NCHW"},
+        "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "output": {"name": "logits", "kind": "logits"},
+        "models": {"int8": {"file": "model.int8.onnx", "approved": True},
+                   "fp32": {"file": "model.fp32.onnx", "approved": True}},
+        "primary": "int8",
+        "fallback": "fp32",
+        "temperature": 1.5,
+        "thresholds": {"melanoma": {"labels": ["mel"], "probability": 0.3, "val_sensitivity": 0.9},
+                       "malignant": {"labels": ["mel", "bcc", "akiec"], "probability": 0.5},
+                       "low_confidence": {"top1_probability": 0.5}},
+        "gate": {"approved": True, "reason": "int8 within 1% of fp32 on validation", "agreement": 0.99},
+        "training": {"source": "synthetic test fixture"},
+        "license": "CC BY-NC 4.0",
+        "citation": "Tschandl et al. 2018, HAM10000",
+    }
+
+
+def write_manifest(bundle: Path, manifest: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Write manifest.json with the sha256 of every other file in `bundle` (and a model_id ending in the
+    primary's hash prefix, as build-model does). Returns the manifest."""
+    m = dict(manifest or default_manifest())
+    m.update(overrides)
+    m["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    primary_file = m["models"].get(m["primary"], {}).get("file")
+    if primary_file in m["files"] and "model_id" not in overrides:
+        m["model_id"] = m["model_id"].rsplit("-", 1)[0] + "-" + m["files"][primary_file][:8]
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
+    return m
+
+
+def make_bundle(bundle: Path, *, seed: int = 0, int8_seed: int | None = None, int8_bytes: bytes | None = None,
+                size: int = SIZE, **manifest_overrides: Any) -> Path:
+    """A complete bundle folder: both variants, split.csv, report.md, checksummed manifest.
+
+    int8_seed: give the INT8 variant different weights (to provoke spot-check disagreements).
+    int8_bytes: replace the INT8 file with arbitrary bytes (e.g. a model that cannot load);
+    it is still checksummed, so only the load fails, not verification.
+    """
+    bundle.mkdir(parents=True, exist_ok=True)
+    fp32 = tiny_classifier(seed, size)
+    (bundle / "model.fp32.onnx").write_bytes(fp32)
+    if int8_bytes is None:
+        int8_bytes = fp32 if int8_seed is None else tiny_classifier(int8_seed, size)
+    (bundle / "model.int8.onnx").write_bytes(int8_bytes)
+    (bundle / "split.csv").write_text("image_id,label,group,split\nISIC_0024332,bcc,HAM_0002240,test\n")
+    (bundle / "report.md").write_text("# Test bundle\n\nSynthetic weights; for pipeline tests only.\n")
+    m = default_manifest(size)
+    m.update(manifest_overrides)
+    write_manifest(bundle, m)
+    return bundle

@@ -1,0 +1,108 @@
+"""The whole build on a tiny generated HAM10000-layout dataset, through the real CLI.
+
+Small image size and one epoch keep it to a minute on two cores; everything
+else (pretrained weights, ONNX export and parity, INT8 calibration candidates,
+gate, temperature, thresholds, bundle, verify) is the real code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_model.model import EfficientNetLite0, load_imagenet, padding_check, same_pads
+from edge_agent.bundle import verify_bundle
+from tests.build_fixtures import make_ham
+
+TINY = ["--image-size", "64", "--batch-size", "8", "--threads", "2", "--max-source-side", "80"]
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "build_model", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_tf_same_padding_matches_tensorflow_rule() -> None:
+    assert same_pads(160, 3, 2) == (0, 1)      # TF pads bottom/right only
+    assert same_pads(40, 5, 2) == (1, 2)
+    assert same_pads(20, 5, 1) == (2, 2)
+
+
+def test_pretrained_weights_load_every_key_and_prefer_tf_padding() -> None:
+    m = EfficientNetLite0(1000, 224)
+    rep = load_imagenet(m)
+    assert rep.matched == rep.total and not rep.missing and not rep.unexpected
+    scores = padding_check(image_size=224, crops=4)
+    assert max(scores, key=lambda k: scores[k]["mean_logp_true"]) == "tf+127/128"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("build")
+    data = make_ham(root / "ham", lesions_per_class=5, images_per_lesion=2)
+    out = root / "bundle"
+    r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14", *TINY)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, root / "bundle.work"
+
+
+def test_all_writes_a_bundle_the_agent_accepts(built: tuple[Path, Path]) -> None:
+    out, work = built
+    rep = verify_bundle(out)
+    assert rep.ok, rep.errors
+    m = rep.manifest
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "report.md", "split.csv"]
+    assert m["labels"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert m["primary"] in ("int8", "fp32") and m["gate"]["approved"] == (m["primary"] == "int8")
+    assert m["temperature"] > 0 and 0 < m["thresholds"]["melanoma"]["probability"] <= 1
+    assert "test_sensitivity" in m["thresholds"]["malignant"]
+    assert "CC BY-NC 4.0" in m["license"] and "Tschandl" in m["citation"]
+    quant = json.loads((work / "quantize.json").read_text())
+    assert {(c["method"], c["reduce_range"]) for c in quant["candidates"]} == {
+        (meth, rr) for meth in ("MinMax", "Entropy", "Percentile") for rr in (False, True)}
+    assert json.loads((work / "export.json").read_text())["passed"]
+    report = (out / "report.md").read_text()
+    assert "FP32 vs INT8" in report and "Confusion matrix" in report and "not a diagnostic device" in report
+
+
+def test_verify_command_accepts_then_rejects_a_tampered_bundle(built: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    out, _ = built
+    r = cli("verify", str(out))
+    assert r.returncode == 0 and "OK" in r.stdout
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    with open(bad / "model.int8.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    r = cli("verify", str(bad))
+    assert r.returncode != 0 and "model.int8.onnx" in r.stderr
+
+
+def test_training_survives_sigkill_and_resumes(tmp_path: Path) -> None:
+    data = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
+    out, work = tmp_path / "b", tmp_path / "w"
+    args = ["train", "--data", str(data), "--out", str(out), "--workdir", str(work), "--epochs", "3",
+            "--ckpt-every", "1", *TINY]
+    p = subprocess.Popen([sys.executable, "-m", "build_model", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / "last.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step_at_kill = torch.load(work / "last.pt", weights_only=False)["state"]["step"]
+    assert step_at_kill >= 1
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed at step {step_at_kill}" in r.stderr or "resumed at step" in r.stderr
+    state = torch.load(work / "last.pt", weights_only=False)["state"]
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert (work / "best.pt").exists()
