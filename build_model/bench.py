@@ -6,6 +6,7 @@ after the other, so that ratios hold on a noisy machine.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,8 +69,10 @@ def worker(bundle: Path, engine: str, batch: int, iters: int, warmup: int, threa
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         size = file_mb(path)
 
+        feed = {manifest["input"]["name"]: xb}
+
         def call() -> None:
-            sess.run(None, {"input": xb})
+            sess.run(None, feed)
     for _ in range(warmup):
         call()
     times = []
@@ -87,11 +90,10 @@ def run(bundle: Path, iters: int = 100, warmup: int = 10, threads: int | None = 
     rows = []
     for batch in batches:
         for engine in engines:
-            if engine == "torch-fp32":
-                try:
-                    import torch  # noqa: F401
-                except ImportError:
-                    continue
+            # find_spec, not import: a torch import here would inflate this process's RSS, and with it what
+            # getrusage reports for every worker it starts (ru_maxrss survives exec).
+            if engine == "torch-fp32" and importlib.util.find_spec("torch") is None:
+                continue
             cmd = [sys.executable, "-m", "build_model.bench", str(bundle), engine, str(batch), str(iters), str(warmup),
                    str(threads), str(images or ""), str(checkpoint or "")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)

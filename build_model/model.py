@@ -52,12 +52,12 @@ class SameConv2d(nn.Conv2d):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, image_size: int,
                  groups: int = 1, mode: str = "tf") -> None:
-        super().__init__(cin, cout, kernel, stride=stride, padding=0, groups=groups, bias=False)
-        if mode == "tf":
-            top, bottom = same_pads(image_size, kernel, stride)
-        else:
-            top = bottom = kernel // 2
-        self.pads = (top, bottom, top, bottom)  # left, right, top, bottom (square input)
+        top, bottom = same_pads(image_size, kernel, stride) if mode == "tf" else (kernel // 2, kernel // 2)
+        # Symmetric cases use the convolution's own padding (no separate Pad op in
+        # the ONNX graph); only TF's asymmetric stride-2 case needs an explicit pad.
+        symmetric = top == bottom
+        super().__init__(cin, cout, kernel, stride=stride, padding=top if symmetric else 0, groups=groups, bias=False)
+        self.pads = (0, 0, 0, 0) if symmetric else (top, bottom, top, bottom)  # left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(self.pads):

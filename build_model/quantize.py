@@ -84,6 +84,12 @@ class Candidate:
 def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    import onnx
+
+    # The classifier head (one 1280x7 Gemm) stays FP32: it costs nothing in speed,
+    # and quantizing the logits themselves would put a 1/255-of-range step
+    # straight onto the decision the gate measures.
+    head = [n.name for n in onnx.load(str(prep)).graph.node if n.op_type == "Gemm"]
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if cand.method == "Percentile":
         extra["CalibPercentile"] = 99.999
@@ -91,16 +97,19 @@ def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate) -> Path:
                     per_channel=True, reduce_range=cand.reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, cand.method),
-                    nodes_to_exclude=list(cand.exclude) or None, extra_options=extra)
+                    nodes_to_exclude=sorted(set(cand.exclude) | set(head)), extra_options=extra)
     return out
 
 
-def sensitive_nodes(fp32_prep: Path, int8: Path, x: np.ndarray, workdir: Path) -> list[str]:
-    """Nodes ranked by how much quantization hurts their output (lowest SQNR first).
+def sensitive_nodes(fp32_prep: Path, int8: Path, x: np.ndarray, workdir: Path) -> list[list[str]]:
+    """Groups of nodes to keep in FP32, most harmful quantized tensor first.
 
-    ORT's qdq_loss_debug runs both models with every intermediate tensor
-    exposed and compares them; the worst nodes are the ones to keep in FP32,
-    as NNCF's accuracy-control loop does.
+    ORT's qdq_loss_debug runs the quantized model with every intermediate tensor
+    exposed and measures each tensor's own quantization noise (SQNR of the
+    tensor before vs after its Q/DQ pair). A tensor stays float only if every
+    node that reads it is excluded, so each group is the consumers of one noisy
+    tensor (plus the activation that produced it) - the layer-wise revert that
+    NNCF's accuracy-control loop does.
     """
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -113,11 +122,23 @@ def sensitive_nodes(fp32_prep: Path, int8: Path, x: np.ndarray, workdir: Path) -
     fp = collect_activations(str(a_fp), ArrayReader(x))
     q = collect_activations(str(a_q), ArrayReader(x))
     errs = compute_activation_error(create_activation_matching(q, fp))
-    producer = {o: n.name for n in onnx.load(str(fp32_prep)).graph.node for o in n.output}
-    ranked = sorted(((v.get("qdq_err", float("inf")), k) for k, v in errs.items() if k in producer))
+    graph = onnx.load(str(fp32_prep)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    ranked = sorted((v.get("qdq_err", float("inf")), k) for k, v in errs.items() if k in producer)
     for p in (a_fp, a_q):
         p.unlink(missing_ok=True)
-    return [producer[k] for _, k in ranked]
+    groups = []
+    for _, tensor in ranked:
+        group = list(consumers.get(tensor, []))
+        if producer[tensor].op_type in ("Clip", "Relu"):
+            group.append(producer[tensor].name)
+        if group:
+            groups.append(group)
+    return groups
 
 
 def save_choice(path: Path, data: dict) -> None:

@@ -143,51 +143,52 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
         best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
         calib = tensors(ds, calibration_indices(ds.y, split, 64, seed), pre)
         ranked = sensitive_nodes(work / "model.fp32.prep.onnx", work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
-        for k in (2, 4, 8, 16, 32):
-            c = Candidate(best["method"], best["reduce_range"], tuple(ranked[:k]))
+        for k in (2, 4, 8, 16):
+            c = Candidate(best["method"], best["reduce_range"], tuple(sorted({n for g in ranked[:k] for n in g})))
             path = quantize(work / "model.fp32.prep.onnx", work / "candidates" / f"{c.name}.onnx", calib, c)
             ok, w, cm, q = judge(c.name, path)
             if ok:
                 approved, why, cmp, q_test, int8_name = ok, w, cm, q, c.name
                 shutil.copyfile(path, work / "model.int8.onnx")
                 break
-    primary = "int8" if approved else "fp32"
     if not approved:
         why = f"INT8 rejected after {len(tried)} candidates ({why}); FP32 ships as primary"
-        cmp = gate_mod.compare(f_test, run_onnx(session(work / "model.int8.onnx"), xt), yt, labels)
-    # Temperature and thresholds for the variant the agent will run, fitted on validation only.
-    p_val_logits = f_val if primary == "fp32" else run_onnx(session(work / "model.int8.onnx"), tensors(ds, va, pre))
-    p_test_logits = f_test if primary == "fp32" else q_test
-    t = fit_temperature(p_val_logits, yv)
-    calib_rep = calibration_report(p_val_logits, yv, t)
-    calib_rep["test_ece_before"], calib_rep["test_ece_after"] = ece(softmax(p_test_logits), yt), ece(softmax(p_test_logits, t), yt)
-    high_risk = [k for k in HIGH_RISK if k in labels]
-    thresholds = choose_thresholds(softmax(p_val_logits, t), yv, labels, high_risk)
-    apply_thresholds(thresholds, softmax(p_test_logits, t), yt, labels, "test")
-    thresholds["low_confidence"] = {"top1_probability": LOW_CONFIDENCE}
-    # Side-by-side numbers use the fitted temperature (argmax is unaffected; AUCs/ECE use calibrated probabilities).
-    cmp = gate_mod.compare(f_test, cmp_logits(work, xt, primary, q_test), yt, labels, t,
-                           thresholds.get("melanoma", {}).get("probability"))
+        q_test = run_onnx(session(work / "model.int8.onnx"), xt)
+    q_val = run_onnx(session(work / "model.int8.onnx"), tensors(ds, va, pre))
+
+    def finalize(primary: str) -> dict:
+        """Temperature and thresholds for the variant the agent will run, fitted on validation only."""
+        v_logits, t_logits = (q_val, q_test) if primary == "int8" else (f_val, f_test)
+        t = fit_temperature(v_logits, yv)
+        calib = calibration_report(v_logits, yv, t)
+        calib["test_ece_before"], calib["test_ece_after"] = ece(softmax(t_logits), yt), ece(softmax(t_logits, t), yt)
+        thresholds = choose_thresholds(softmax(v_logits, t), yv, labels, [k for k in HIGH_RISK if k in labels])
+        apply_thresholds(thresholds, softmax(t_logits, t), yt, labels, "test")
+        thresholds["low_confidence"] = {"top1_probability": LOW_CONFIDENCE}
+        # Side by side with the shipped temperature; the melanoma drop is also judged at the review threshold.
+        cmp = gate_mod.compare(f_test, q_test, yt, labels, t, thresholds.get("melanoma", {}).get("probability"))
+        return {"temperature": t, "calibration": calib, "thresholds": thresholds, "comparison": cmp}
+
+    fin = finalize("int8" if approved else "fp32")
     if approved:
-        approved, why = gate_mod.verdict(cmp)
-        primary = "int8" if approved else "fp32"
+        approved, why = gate_mod.verdict(fin["comparison"])
+        if not approved:
+            why = f"INT8 rejected at the review threshold ({why}); FP32 ships as primary"
+            fin = finalize("fp32")
+    primary = "int8" if approved else "fp32"
+    cmp = fin["comparison"]
     gate = {"approved": approved, "reason": why, "limits": gate_mod.LIMITS, "int8_candidate": int8_name,
             "tried": tried, "agreement": cmp["agreement"], "balanced_accuracy_drop": cmp["balanced_accuracy_drop"],
             "mel_sensitivity_drop": cmp.get("mel_sensitivity_drop"),
             "mel_sensitivity_at_threshold": cmp.get("mel_sensitivity_at_threshold"),
             "test": {v: {k: cmp[v][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc")} |
                      {"mel_sensitivity": cmp[v]["per_class"].get("mel", {}).get("sensitivity")} for v in ("fp32", "int8")}}
-    result = {"gate": gate, "primary": primary, "temperature": t, "calibration": calib_rep,
-              "thresholds": thresholds, "comparison": cmp}
+    result = {"gate": gate, "primary": primary, **fin}
     _write(work / "validate.json", result)
-    log(f"validate: primary {primary}; T={t:.3f}; thresholds " +
+    log(f"validate: primary {primary}; T={fin['temperature']:.3f}; thresholds " +
         ", ".join(f"{k} {v['probability']:.4f} (test sens {v.get('test_sensitivity', 0):.3f} spec {v.get('test_specificity', 0):.3f})"
-                  for k, v in thresholds.items() if "labels" in v))
+                  for k, v in fin["thresholds"].items() if "labels" in v))
     return result
-
-
-def cmp_logits(work: Path, xt: np.ndarray, primary: str, q_test: np.ndarray) -> np.ndarray:
-    return q_test if primary == "int8" else run_onnx(session(work / "model.int8.onnx"), xt)
 
 
 def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> dict:

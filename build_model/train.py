@@ -43,6 +43,7 @@ class TrainConfig:
     threads: int = 0              # 0: all cores
     ckpt_every: int = 50
     max_source_side: int = 320    # images are cached in RAM at most this short side
+    init_from: str = ""           # start from this checkpoint's weights instead of ImageNet (fine-tune stage)
 
 
 def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
@@ -97,7 +98,14 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     va_imgs = load_images(ds, va, cfg.max_source_side)
     ytr, yva = ds.y[tr], ds.y[va]
 
-    model = build_model(n_cls, cfg.image_size).to(memory_format=torch.channels_last)
+    model = build_model(n_cls, cfg.image_size, pretrained=not cfg.init_from)
+    if cfg.init_from:
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        if init["labels"] != ds.labels:
+            raise SystemExit(f"--init-from {cfg.init_from} has labels {init['labels']}, the data has {ds.labels}")
+        model.load_state_dict(init["model"])  # padding amounts are not parameters: any input size works
+        log(f"initialised from {cfg.init_from} (epoch {init.get('epoch')})")
+    model = model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

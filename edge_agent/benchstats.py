@@ -41,7 +41,19 @@ def ratio(a: float, b: float) -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size in MiB.
+
+    On Linux VmHWM from /proc/self/status: it starts afresh at exec, whereas
+    getrusage's ru_maxrss survives exec, so a benchmark worker started by a
+    process that had imported torch would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

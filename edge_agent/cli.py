@@ -204,6 +204,50 @@ def scan(config_file: Path | None, **flags: Any) -> None:
     sys.exit(code)
 
 
+# --- bench -------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--inbox", "source", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="folder of real JPEGs to benchmark on (read only: the benchmark screens copies)")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model bundle (default: the bundle shipped with the package)")
+@click.option("--count", type=click.IntRange(min=2), default=160, show_default=True,
+              help="distinct images per size (the same N for every measurement)")
+@click.option("--sizes", default="source,1024x768,4000x3000", show_default=True,
+              help="image sizes: 'source' (as they are) and WIDTHxHEIGHT upscaled copies the benchmark generates")
+@click.option("--long", "long_count", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also scan this many images (all sizes mixed) and report its peak RSS; 0 skips it")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="scratch folder for generated images and runs (default: $TMPDIR/edge-agent-bench)")
+@click.option("--threads", type=click.IntRange(min=1), help="agent setting: onnxruntime intra-op threads")
+@click.option("--workers", type=click.IntRange(min=1), help="agent setting: hash/decode threads")
+@click.option("--batch-size", type=click.IntRange(min=1), help="agent setting: largest inference batch")
+@click.option("--queue-max", type=click.IntRange(min=1), help="agent setting: images in flight")
+@click.option("--naive/--no-naive", default=True, show_default=True, help="run the naive reference loop")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="repeat each stage measured alone until it has run this long")
+@click.option("--skip", type=click.IntRange(min=0), help="results excluded from the steady-state rate "
+              "(default queue_max + batch_size: start-up and the queue filled while the model loads)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (to compare runs over time)")
+def bench(source: Path, model: Path | None, count: int, sizes: str, long_count: int, workdir: Path | None,
+          threads: int | None, workers: int | None, batch_size: int | None, queue_max: int | None, naive: bool,
+          min_seconds: float, skip: int | None, as_json: bool) -> None:
+    """System-level benchmark: scan throughput, per-stage time, naive baseline, cold start, peak RSS."""
+    from .bench import dumps, parse_sizes, render, run
+
+    try:
+        parse_sizes(sizes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--sizes") from None
+    flags = {"threads": threads, "workers": workers, "batch_size": batch_size, "queue_max": queue_max}
+    try:
+        result = run(source, model, count, sizes, long_count, workdir, flags, naive, min_seconds, skip,
+                     log=lambda m: click.echo(f"bench: {m}", err=True))
+    except (ConfigError, BundleError, ValueError, RuntimeError) as e:
+        _fail(str(e), EXIT_RUNTIME)
+    click.echo(dumps(result) if as_json else render(result))
+
+
 # --- results -----------------------------------------------------------------------------
 
 _REL = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -284,6 +328,35 @@ def _inbox_backlog(inbox: str, exclude: list[str]) -> int | None:
     return n
 
 
+def _disk_warnings(agent: dict[str, Any], db_path: Path) -> list[str]:
+    """Free space and read-only mounts of the folders the agent writes, measured now: a full disk cannot be
+    recorded in a database that lives on it, so `status` looks for itself."""
+    try:
+        need = max(float(agent.get("min_free_mb") or 0), 1.0)
+    except ValueError:
+        need = 1.0
+    out: list[str] = []
+    seen: set[int] = set()
+    for label, path in (("database", str(db_path.parent)), ("inbox", agent.get("inbox", "")),
+                        ("processed", agent.get("processed_dir", "")), ("quarantine", agent.get("quarantine_dir", ""))):
+        try:
+            if not path or not os.path.isdir(path):
+                continue
+            fs = os.statvfs(path)
+            dev = os.stat(path).st_dev
+        except OSError:
+            continue
+        free_mb = fs.f_bavail * fs.f_frsize / 2**20
+        if fs.f_flag & os.ST_RDONLY:
+            out.append(f"the {label} folder {path} is on a read-only file system: the agent cannot record or move "
+                       "files there until it is writable again")
+        elif free_mb < need and dev not in seen:
+            out.append(f"low disk space: the {label} folder {path} has {free_mb:.1f} MiB free (the agent pauses "
+                       f"intake below min_free_mb {need:.0f}); free some space - it resumes by itself")
+        seen.add(dev)
+    return out
+
+
 def _pid_alive(pid: str | None) -> bool:
     try:
         os.kill(int(pid or 0), 0)
@@ -321,6 +394,7 @@ def status(db: Path | None, config_file: Path | None, as_json: bool) -> None:
                         "fails on this machine - run `edge-agent model verify` and check the logs")
     if agent.get("paused"):
         warnings.append(f"intake paused: {agent['paused']}")
+    warnings += _disk_warnings(agent, s.db_path)
     if st["files_not_moved"] and not running:
         warnings.append(f"{st['files_not_moved']} recorded file(s) were not moved out of the inbox yet; they are "
                         "finished at the next start")

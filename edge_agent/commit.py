@@ -11,13 +11,17 @@ file system.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import logging
 import os
 import queue
 import shutil
 import signal
 import sqlite3
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,20 +33,61 @@ from typing import Any
 from .config import Settings
 from .decode import Decoded
 from .intake import Candidate, Intake
-from .store import Writer, now_iso
+from .store import Writer, describe_db_error, now_iso
 
 log = logging.getLogger(__name__)
 
 COMMIT_ROWS = 64
 COMMIT_SECONDS = 0.2
+STOP_RETRY_SECONDS = 10.0  # at shutdown, give up on a locked/unwritable database after this long (TimeoutStopSec)
+PROBE_SECONDS = 2.0  # how often to check whether a full or read-only output folder is writable again
+# Move failures that are about the output disk, not the file: pause intake instead of failing file by file.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 STOP = object()  # queue sentinel shared by the stages
 
 
+CRASH_POINTS = ("in_commit", "after_commit", "mid_move", "after_move", "in_file_state")
+_crash_hits: dict[str, int] = {}
+
+
 def crash_point(name: str) -> None:
-    """Test hook: EDGE_AGENT_CRASH_AT=<name> SIGKILLs the agent here, to prove crash consistency."""
-    if os.environ.get("EDGE_AGENT_CRASH_AT") == name:
-        log.warning("EDGE_AGENT_CRASH_AT=%s: killing the agent now (test hook)", name)
+    """Test hook: EDGE_AGENT_CRASH_AT=<name>[:<n>] SIGKILLs the agent the n-th time (default: first) it
+    reaches point <name> (one of CRASH_POINTS), to prove crash consistency."""
+    spec = os.environ.get("EDGE_AGENT_CRASH_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _crash_hits[name] = hits = _crash_hits.get(name, 0) + 1
+    if hits >= int(nth or 1):
+        log.warning("EDGE_AGENT_CRASH_AT=%s: killing the agent now (test hook)", spec)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StageTimes:
+    """Busy seconds per stage, summed over the threads that run it: where a scan's time goes.
+
+    Costs two perf_counter calls and a lock per stage and image; `edge-agent
+    bench` reads it to print per-stage times next to the stages measured alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.items: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, stage: str, seconds: float, items: int = 1) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.items[stage] = self.items.get(stage, 0) + items
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {k: {"seconds": v, "items": self.items.get(k, 0), "calls": self.calls.get(k, 0)}
+                    for k, v in self.seconds.items()}
 
 
 @dataclass
@@ -77,6 +122,7 @@ class Outcome:
     action: str = "none"  # move | delete | keep | none
     dest: Path | None = None
     settle: bool = False
+    reobserve: bool = False
 
 
 class Claims:
@@ -113,13 +159,38 @@ class Committer:
         self.processed, self.quarantine = processed, quarantine
         self.on_finished, self.on_commit, self.stopping = on_finished, on_commit, stopping
         self.queue: queue.Queue[Any] = queue.Queue()
-        self.db_error: str | None = None
+        self.db_problem: str | None = None  # the database cannot be written (locked, disk full, read-only)
+        self.out_problem: str | None = None  # files cannot leave the inbox (output disk full or read-only)
+        self._unmoved: list[Path] = []  # committed but not moved because of out_problem; moved once it clears
+        self._probe_dirs: set[Path] = set()
+        self._next_probe = 0.0
+        self._gave_up = False
         self.fatal: str | None = None
         self.tick = time.monotonic()
         self._reserved: set[Path] = set()
+        self.timing = StageTimes()
+        self._held = 0  # outcomes handed to this thread and not yet finished
+        self._held_lock = threading.Lock()
+
+    @property
+    def db_error(self) -> str | None:
+        """Why this thread cannot finish files right now, if it cannot: the pipeline stops taking new ones."""
+        return self.db_problem or self.out_problem
+
+    @property
+    def held(self) -> int:
+        """Files whose outcome waits here for its commit: rows only, their pixels are already freed."""
+        with self._held_lock:
+            return self._held
+
+    def _hold(self, n: int) -> None:
+        with self._held_lock:
+            self._held += n
 
     def put(self, item: Any) -> None:
         """An Outcome, ("event", kind, detail), ("state", {key: value}) or STOP."""
+        if isinstance(item, Outcome):
+            self._hold(1)
         self.queue.put(item)
 
     def loop(self) -> None:
@@ -127,6 +198,8 @@ class Committer:
         stop = False
         while True:
             self.tick = time.monotonic()
+            if self.out_problem and self.tick >= self._next_probe:
+                self._probe_outputs()
             batch, carry = carry, []
             deadline = time.monotonic() + COMMIT_SECONDS if batch else None
             while len(batch) < COMMIT_ROWS and not stop:
@@ -157,9 +230,11 @@ class Committer:
         outs = [o for o in batch if isinstance(o, Outcome)]
         ctrl = [o for o in batch if not isinstance(o, Outcome)]
         attempt = 0
+        first_failure = last_log = 0.0
+        t0 = time.perf_counter()
         while True:
             try:
-                with self.store.transaction():
+                with self.store.transaction(lock_wait=0):
                     for o in outs:
                         self._record(o)
                     for c in ctrl:
@@ -167,20 +242,37 @@ class Committer:
                             self.store.event(c[1], c[2])
                         elif c[0] == "state":
                             self.store.set_state(c[1])
+                    if any(o.kind == "result" for o in outs):
+                        crash_point("in_commit")  # rows written, COMMIT not yet: the transaction must vanish
                 break
             except sqlite3.OperationalError as e:  # disk full, I/O error, locked: worth retrying
                 attempt += 1
-                self.db_error = f"cannot write to the database {self.s.db_path} ({e})"
+                now = time.monotonic()
+                first_failure = first_failure or now
+                self.db_problem = describe_db_error(self.s.db_path, e)
                 for o in outs:
                     o.table = o.row_id = None
                 self._release_reserved(outs)
-                log.error("%s; intake paused, retrying in 2 s - free disk space or fix permissions", self.db_error)
-                if self.stopping.is_set() and attempt >= 3:
-                    self.fatal = f"{self.db_error}; the unrecorded images stay in the inbox"
+                if attempt == 1 or now - last_log >= 30:
+                    last_log = now
+                    log.error("%s (waiting %.0f s so far; %d image(s) wait for their commit, intake paused; "
+                              "retrying)", self.db_problem, now - first_failure, len(outs))
+                if self.stopping.is_set() and (self._gave_up or now - first_failure >= STOP_RETRY_SECONDS):
+                    # Asked to stop: roll back rather than outlive systemd's stop timeout. Nothing is lost:
+                    # files whose outcome was not committed are still in the inbox and screened next time.
+                    self._gave_up = True  # the rest of the shutdown does not wait again
+                    if outs:
+                        log.warning("stopping without recording %d image(s): %s; they stay in the inbox and are "
+                                    "screened at the next start", len(outs), self.db_problem)
+                    for o in outs:
+                        self._hold(-1)
                     return []
-                time.sleep(2)
+                time.sleep(1)
                 self.tick = time.monotonic()  # alive and retrying: the systemd watchdog must not fire
-        self.db_error = None
+        if self.db_problem:
+            log.warning("the database can be written again after %.0f s; resuming", time.monotonic() - first_failure)
+        self.db_problem = None
+        self.timing.add("db", time.perf_counter() - t0, len(outs))
         if any(o.kind == "result" for o in outs):
             crash_point("after_commit")
         carry: list[Any] = []
@@ -190,21 +282,37 @@ class Committer:
                 for twin in self.claims.release(o.job.sha256):
                     if o.kind in ("result", "duplicate") and o.result_id is not None:
                         carry.append(Outcome("duplicate", twin, result_id=o.result_id))
+                        self._hold(1)
                     else:
                         self.intake.done(twin.cand.rel, retry=True)  # its twin was unusable: check it itself
-        updates = [u for u in (self._dispose(o) for o in outs) if u is not None]
+        t0 = time.perf_counter()
+        updates = []
+        for i, o in enumerate(outs):
+            u = self._dispose(o)
+            if u is not None:
+                updates.append(u)
+            if i == 0 and len(outs) > 1 and o.action == "move":
+                crash_point("mid_move")  # some files of the batch moved, others not
         self._release_reserved(outs)
+        self.timing.add("move", time.perf_counter() - t0, len(outs))
         if any(o.kind == "result" for o in outs):
             crash_point("after_move")
         if updates:
+            t0 = time.perf_counter()
             try:
-                with self.store.transaction():
+                with self.store.transaction(lock_wait=STOP_RETRY_SECONDS):
                     for table, row_id, state in updates:
                         self.store.set_file_state(table, row_id, state)
+                    crash_point("in_file_state")
+                self.timing.add("db", time.perf_counter() - t0, 0)
             except sqlite3.Error as e:  # the next start reconciles these from the file system
                 log.error("could not record that %d file(s) were moved (%s); fixed at next start", len(updates), e)
         for o in outs:
+            self._hold(-1)
             self.on_finished(o)
+        for o in outs:
+            if o.reobserve:  # replaced while being screened: the new content is a new file
+                self.intake.observe(o.job.cand.path)
         return carry
 
     # --- where files go ------------------------------------------------------------------
@@ -286,6 +394,12 @@ class Committer:
             o.settle = o.action == "keep"
             return None
         src = o.job.cand.path
+        if self._replaced(o):
+            o.reobserve = True
+            log.warning("%s was replaced by another file while it was being screened: %s #%s records the earlier "
+                        "content, which is gone; the new content is screened as a new file", src, o.table, o.row_id)
+            self.queue.put(("event", "replaced", f"{src}: {o.table} #{o.row_id} records the earlier content"))
+            return o.table, o.row_id, "replaced"
         try:
             if o.action == "delete":
                 try:
@@ -299,11 +413,76 @@ class Committer:
             move_file(src, o.dest, private=o.table == "quarantine")
             return o.table, o.row_id, "moved"
         except OSError as e:
+            where = o.dest.parent if o.dest is not None else src.parent
+            if e.errno in OUTPUT_ERRNOS:
+                # The output disk is full or read-only (or not writable for us): every other file would fail
+                # the same way. Stop taking files, keep this one in the inbox (its row says 'pending'), and
+                # move it once a probe shows the folder is writable again.
+                problem = (f"cannot {o.action} files out of the inbox into {where}: {e.strerror or e}; intake "
+                           "paused until it is writable again (free space, remount read-write or fix permissions)")
+                if self.out_problem is None:
+                    log.error("%s", problem)
+                    self.queue.put(("event", "paused", problem))
+                    self.queue.put(("state", {"paused": problem}))
+                self.out_problem = problem
+                self._probe_dirs.add(where)
+                self._next_probe = time.monotonic() + PROBE_SECONDS
+                self._unmoved.append(src)
+                return None
             o.settle = True
             log.error("recorded %s but could not %s it (%s); it stays in the inbox - fix permissions/space on %s",
-                      src, o.action, e, o.dest or src.parent)
+                      src, o.action, e, where)
             self.queue.put(("event", "move_failed", f"{src}: {e}"))
             return None
+
+    def _replaced(self, o: Outcome) -> bool:
+        """Is the inbox file no longer the one that was screened (overwritten after it was taken)?"""
+        key = o.job.cand.key
+        if key is None or o.action not in ("move", "delete"):
+            return False
+        try:
+            now = os.lstat(o.job.cand.path)
+        except OSError:
+            return False  # gone: handled by the move
+        if (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino) == key:
+            return False
+        if o.job.sha256 is None or not stat.S_ISREG(now.st_mode):
+            return True
+        h = hashlib.sha256()
+        try:  # never through a link (it could point out of the inbox), never blocking on a pipe
+            fd = os.open(o.job.cand.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return True
+        return h.hexdigest() != o.job.sha256  # same content (touched, or rewritten identically): move it
+
+    def _probe_outputs(self) -> None:
+        """While moves fail for lack of space or write access: try a small write; resume when it works."""
+        self._next_probe = time.monotonic() + PROBE_SECONDS
+        for d in list(self._probe_dirs):
+            while not d.is_dir() and d.parent != d:
+                d = d.parent  # probe where the move would create its folder, without creating it (modes)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".edge-agent-probe-", dir=d)
+                try:
+                    os.write(fd, b"\0" * 65536)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(tmp)
+            except OSError as e:
+                log.debug("output folder %s still not writable: %s", d, e)
+                return
+        log.warning("the output folders are writable again; resuming intake and moving the %d file(s) that "
+                    "were screened meanwhile", len(self._unmoved))
+        self.queue.put(("event", "resumed", self.out_problem or ""))
+        self.out_problem = None
+        self._probe_dirs.clear()
+        unmoved, self._unmoved = self._unmoved, []
+        for p in unmoved:
+            self.intake.observe(p, confirmed=True)  # recognized by path and hash: only the move is owed
 
 
 def _s(p: Path | None) -> str | None:
@@ -324,9 +503,14 @@ def move_file(src: Path, dest: Path, private: bool = False) -> None:
         if e.errno != errno.EXDEV:
             raise
     tmp = dest.with_name(f".{dest.name}.edge-agent-tmp")
-    shutil.copy2(src, tmp, follow_symlinks=False)
-    if not os.path.islink(tmp):
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=False)
+        if not os.path.islink(tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a disk that filled up mid-copy must not keep half a file
+        raise
     os.unlink(src)

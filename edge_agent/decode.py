@@ -256,6 +256,48 @@ def _complete(data: bytes, header: Header) -> bool:
     return complete
 
 
+def count_frames(data: bytes, header: Header) -> int:
+    """Frames (animated PNG/WebP) or full-size pages (TIFF) in the file; 1 for a still image.
+
+    The decoder would silently return the first one only, and the others would
+    never be screened; reduced-resolution TIFF pages (thumbnails) do not count.
+    """
+    try:
+        if header.format == "png":
+            pos = 8
+            for _ in range(10_000):
+                length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+                if kind == b"acTL":
+                    return max(1, struct.unpack(">I", data[pos + 8:pos + 12])[0])
+                if kind in (b"IDAT", b"IEND"):
+                    return 1
+                pos += 12 + length
+        elif header.format == "webp" and data[12:16] == b"VP8X" and data[20] & 0x02:
+            frames, pos = 0, 12
+            while pos + 8 <= len(data) and frames < 100_000:
+                kind, length = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+                frames += kind == b"ANMF"
+                pos += 8 + length + (length & 1)
+            return max(frames, 2)  # the animation flag is set: more than a still image, however many
+        elif header.format == "tiff":
+            e = "<" if data[:2] == b"II" else ">"
+            off, pages, seen = struct.unpack(e + "I", data[4:8])[0], 0, set()
+            while off and off not in seen and len(seen) < 1000:
+                seen.add(off)
+                (count,) = struct.unpack(e + "H", data[off:off + 2])
+                subfile = 0
+                for k in range(count):
+                    tag, typ, _n, value = struct.unpack(e + "HHII", data[off + 2 + 12 * k:off + 14 + 12 * k])
+                    if tag == 254:  # NewSubfileType: bit 0 marks a reduced-resolution copy
+                        subfile = value if typ == 4 else value >> 16 if e == ">" else value & 0xFFFF
+                pages += not subfile & 1
+                off = struct.unpack(e + "I", data[off + 2 + 12 * count:off + 6 + 12 * count])[0]
+            return max(pages, 1)
+    except (struct.error, IndexError):
+        return 1  # structure problems are the completeness check's and the decoder's to report
+    return 1
+
+
 def reduction_for(header: Header, input_size: int) -> int:
     """Largest libjpeg scale-down that still leaves twice the model's input size on the short side."""
     if header.format != "jpeg":
@@ -328,6 +370,12 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
         raise Rejected("too_small", f"image is only {header.width}x{header.height} pixels, too small to screen "
                        f"(needs at least {MIN_SIDE} on each side); send the original photo")
     check_complete(data, header)
+    frames = count_frames(data, header)
+    if frames > 1:
+        what = "pages" if header.format == "tiff" else "frames"
+        raise Rejected("multiple_images", f"the {header.format.upper()} file holds {frames} {what} (an animation or "
+                       "a multi-page document), but only a single still image can be screened - the others would "
+                       f"be silently skipped; export each {what[:-1]} you want screened as its own JPEG or PNG")
     k = reduction_for(header, pre.input_size)
     bgr = decode_pixels(data, header, k)
     quality = measure_quality(bgr, limits)

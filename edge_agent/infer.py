@@ -108,9 +108,11 @@ class Engine:
     def _run(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
         out = sess.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
         out = np.asarray(out)
-        if out.shape != (x.shape[0], len(self.bundle.labels)) or not np.all(np.isfinite(out)):
-            raise InferenceError(f"model output has shape {out.shape} (expected {(x.shape[0], len(self.bundle.labels))}) "
-                                 "or non-finite values")
+        if out.shape != (x.shape[0], len(self.bundle.labels)):
+            raise InferenceError(f"model output has shape {out.shape}, expected {(x.shape[0], len(self.bundle.labels))} "
+                                 f"(one logit per manifest label); the model does not match its manifest")
+        if not np.all(np.isfinite(out)):
+            raise InferenceError("model output is not finite (NaN or infinity): the model is broken")
         return out
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, str]:

@@ -54,6 +54,7 @@ class Candidate:
     final: bool = False       # no more waiting: an incomplete file is quarantined, not deferred
     abandoned: bool = False   # a temp-named file that was never renamed
     provisional: bool = False  # taken before its quiet period: if it fails the checks, wait and look again
+    key: StatKey | None = None  # (size, mtime, ctime, inode) when taken: a change before the move means a new file
 
 
 @dataclass
@@ -244,7 +245,7 @@ class Intake:
                 if tr is None or not tr.ready:
                     continue
                 c = Candidate(rel, self.inbox / rel, tr.received_at, now, final=tr.deferred or tr.kind == "temp",
-                              abandoned=tr.kind == "temp", provisional=tr.provisional)
+                              abandoned=tr.kind == "temp", provisional=tr.provisional, key=tr.key)
                 self._inflight[rel] = c
                 out.append(c)
         return out
@@ -331,19 +332,38 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
     except OSError as e:
         return FileRead(None, None, None, ("unreadable", f"cannot inspect the file ({e.strerror}); check the "
                                                          "agent's permissions on the inbox"))
+    not_regular = FileRead(None, None, None, ("not_regular", "not a regular file (a pipe, socket or device); only "
+                                                             "image files can be screened"))
+    if not (st.S_ISREG(ls.st_mode) or st.S_ISLNK(ls.st_mode)):
+        return not_regular  # never opened: opening a device or a pipe can block or have side effects
     target = path
     if st.S_ISLNK(ls.st_mode):
+        try:
+            points_to = os.readlink(path)
+        except FileNotFoundError:
+            raise Vanished from None
+        except OSError as e:
+            return FileRead(None, None, None, ("unreadable", f"cannot read the symbolic link ({e.strerror})"))
         real = Path(os.path.realpath(path))
-        if not real.exists():
-            return FileRead(None, None, None, ("symlink", f"broken symbolic link (points to {os.readlink(path)}); "
-                                                          "copy the image itself into the inbox"))
+        # Decided from the path alone: a target outside the inbox is never opened, listed or even stat()ed.
         if not real.is_relative_to(inbox_real):
             return FileRead(None, None, None, ("symlink", f"symbolic link to {real}, outside the inbox: links are not "
                                                           "followed out of the inbox for safety; copy the image "
                                                           "itself into the inbox"))
-        if real.is_dir():
+        try:
+            target_mode = os.stat(path).st_mode
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return FileRead(None, None, None, ("symlink", f"symbolic link loop (points to {points_to}, which "
+                                                              "leads back to itself); remove the link and copy the "
+                                                              "image itself into the inbox"))
+            return FileRead(None, None, None, ("symlink", f"broken symbolic link (points to {points_to}, which does "
+                                                          "not exist); copy the image itself into the inbox"))
+        if st.S_ISDIR(target_mode):
             return FileRead(None, None, None, ("symlink", "symbolic link to a folder: links to folders are not "
                                                           "followed; copy the images themselves into the inbox"))
+        if not st.S_ISREG(target_mode):
+            return not_regular
         target = real
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -366,8 +386,8 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
                 return FileRead(None, h.hexdigest(), fs.st_size, (
-                    "too_large_file", f"file is {fs.st_size / 2**20:.0f} MiB, above max_file_mb "
-                                      f"{max_bytes / 2**20:.0f}; send a smaller export or raise max_file_mb"))
+                    "too_large_file", f"file is {fs.st_size / 2**20:.1f} MiB, above max_file_mb "
+                                      f"{max_bytes / 2**20:g}; send a smaller export or raise max_file_mb"))
             data = f.read(max_bytes + 1)
         except OSError as e:
             return FileRead(None, None, None, ("unreadable", f"reading the file failed ({e.strerror}); check the "

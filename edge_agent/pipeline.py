@@ -5,8 +5,10 @@ preprocesses (OpenCV and hashlib release the GIL), one thread runs batches
 through onnxruntime, and one thread owns the database (commit.py) and moves
 files only after their outcome is durable. The main thread only decides
 which files are ready (intake.py) and keeps systemd informed. At most
-`queue_max` files are in flight, which bounds memory however many arrive;
-the rest wait in the inbox as mere paths.
+`queue_max` files are between intake and the writer (bytes being decoded,
+tensors waiting for the model), which bounds memory however many arrive; up
+to as many more may wait for their batched commit as rows; the rest wait in
+the inbox as mere paths.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .commit import STOP, Claims, Committer, Job, Outcome
+from .commit import STOP, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected, decode_image
 from .infer import Engine, InferenceError, check_providers
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.1
 STATE_SECONDS = 5.0
 DISK_SECONDS = 10.0
+PAUSED_DISK_SECONDS = 2.0  # while paused (disk full, database unwritable), look again this often
 INTAKE_LIMIT = 10_000  # paths held in memory at most; the rest wait in the inbox for the next rescan
 
 
@@ -69,6 +72,7 @@ class Agent:
         self.processed = Path(os.path.abspath(settings.processed_path))
         self.quarantine = Path(os.path.abspath(settings.quarantine_path))
         self.counts = Counts()
+        self.timing = StageTimes()  # busy seconds per stage (edge-agent bench)
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set once the daemon watches the inbox (READY=1 for systemd)
         self._fatal: str | None = None
@@ -122,6 +126,7 @@ class Agent:
         self.committer = Committer(s, self.store, self.intake, self.claims, self.processed, self.quarantine,
                                    on_finished=self._finished, on_commit=lambda: self.wake.put(("wake", "", "")),
                                    stopping=self.stopping)
+        self.committer.timing = self.timing
         self._writer_thread = self._spawn(self.committer.loop, "writer")
         self._check_disk()
         for i in range(s.workers):
@@ -213,7 +218,7 @@ class Agent:
                     next_rescan = now + self.s.rescan_seconds
                 if now >= next_disk:
                     self._check_disk()
-                    next_disk = now + DISK_SECONDS
+                    next_disk = now + (PAUSED_DISK_SECONDS if self.paused or self.db_error else DISK_SECONDS)
                 self.intake.poll()
                 self._dispatch()
                 if self.notifier.watchdog_interval and now >= next_ping and self.healthy():
@@ -288,7 +293,12 @@ class Agent:
     def _dispatch(self) -> None:
         if self.paused or self.db_error or self.stopping.is_set() or self.fatal:
             return
-        room = self.s.queue_max - self.intake.inflight
+        # queue_max bounds the files before the writer (bytes being decoded, tensors waiting for the model).
+        # Files whose outcome only waits for the next batched commit hold a row, not pixels: they must not
+        # stall decoding, or every commit would drain the pipeline. All in flight stay under 2 x queue_max.
+        inflight = self.intake.inflight
+        held = self.committer.held if self.committer is not None else 0
+        room = min(self.s.queue_max - (inflight - held), 2 * self.s.queue_max - inflight)
         if room > 0:
             for cand in self.intake.take(room):
                 self.prep_q.put(Job(cand))
@@ -333,6 +343,7 @@ class Agent:
             "model_fallback_active": int(bool(engine and engine.is_fallback)),
             "inbox": str(self.inbox), "processed_dir": str(self.processed), "quarantine_dir": str(self.quarantine),
             "backlog": self.intake.backlog + self.intake.inflight, "paused": self.paused or self.db_error or "",
+            "min_free_mb": self.s.min_free_mb,
         }))
 
     def _status_line(self) -> str:
@@ -387,11 +398,13 @@ class Agent:
 
     def _prepare(self, job: Job) -> None:
         c = job.cand
+        t0 = time.perf_counter()
         try:
             got = read_file(c.path, self._inbox_real, int(self.s.max_file_mb * 2**20))
         except Vanished:
             self._emit(Outcome("vanished", job))
             return
+        self.timing.add("hash", time.perf_counter() - t0)
         job.sha256, job.size, data = got.sha256, got.size, got.data
         # This very file (same path, same content) may already have a committed outcome: a crash came
         # before its move, or after=keep left it here. Then only the move is owed, not a second row.
@@ -417,9 +430,11 @@ class Agent:
         if rid is not None:
             self._emit(Outcome("duplicate", job, result_id=rid))
             return
+        t0 = time.perf_counter()
         try:
             job.decoded = decode_image(data, self.bundle.preprocessing, self.s.max_pixels, self.limits)
         except Rejected as r:
+            self.timing.add("decode", time.perf_counter() - t0)
             if c.provisional:  # taken early at start-up: maybe it is still being written
                 self._emit(Outcome("recheck", job, code=r.code, reason=r.reason))
             elif r.maybe_incomplete and not (self.one_shot or c.final):
@@ -430,6 +445,7 @@ class Agent:
                     reason += f" (unchanged for {self.s.partial_timeout_seconds:.0f} s)"
                 self._emit(Outcome("quarantine", job, code=r.code, reason=reason))
             return
+        self.timing.add("decode", time.perf_counter() - t0)
         del data
         self.infer_q.put(job)
 
@@ -451,8 +467,11 @@ class Agent:
                     last = True
                     break
                 batch.append(j)
+            t0 = time.perf_counter()
             try:
                 self._infer_batch(batch)
+                self.timing.add("infer", time.perf_counter() - t0, len(batch))
+                self.wake.put(("wake", "", ""))  # room before the writer: dispatch more files now
             except InferenceError as e:
                 self._fatal = str(e)
                 self.wake.put(("wake", "", ""))

@@ -4,7 +4,10 @@ One row per image in exactly one of `results`, `duplicates` or `quarantine`,
 keyed by content (sha256). Each row carries `file_state`, the state of the
 inbox file it came from: 'pending' means the row is committed but the file
 has not been moved yet, so after a crash the agent finishes the move instead
-of recording the image twice. WAL lets the CLI and datasette read while the
+of recording the image twice; 'replaced' means the inbox file was overwritten
+with other content while it was being screened (the row stands for the earlier
+content; the new content gets its own row). File names that are not valid
+UTF-8 are stored with backslash escapes (db_text/fs_path). WAL lets the CLI and datasette read while the
 single writer thread commits; synchronous=FULL makes a commit durable before
 the file it describes leaves the inbox. All SQL takes parameters; the only
 identifiers built from data are `p_<label>` columns, and labels are validated
@@ -13,9 +16,12 @@ as plain identifiers when the bundle is verified.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -26,12 +32,36 @@ from .bundle import LABEL_RE
 
 SCHEMA_VERSION = 1
 TABLES = ("results", "duplicates", "quarantine")
-FILE_STATES = ("pending", "moved", "deleted", "kept", "missing")
+FILE_STATES = ("pending", "moved", "deleted", "kept", "missing", "replaced")
 BUSY_TIMEOUT_MS = 10_000
+WRITER_BUSY_TIMEOUT_MS = 2_000  # the writer gives up a lock wait sooner, to say in the log what it waits for
+LOCK_LOG_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
     """The database cannot be opened or is from a newer agent; the message says what to do."""
+
+
+def is_locked(e: BaseException) -> bool:
+    """SQLITE_BUSY/SQLITE_LOCKED: another connection holds the lock we need."""
+    text = str(e).lower()
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def describe_db_error(path: Path, e: BaseException) -> str:
+    """What a failed database write means, for the log and `status`, in words a person can act on."""
+    text = str(e).lower()
+    if is_locked(e):
+        return (f"the database {path} is locked by another process that holds a write transaction open (an "
+                "sqlite3 shell, a backup or a script?); waiting for it to commit or close - nothing is lost "
+                "meanwhile")
+    if "full" in text:
+        return f"the disk holding the database {path} is full ({e}); free some space - the agent resumes by itself"
+    if "readonly" in text or "read-only" in text:
+        return f"the database {path} cannot be written ({e}); make it and its folder writable by the agent"
+    return f"cannot write to the database {path} ({e}); check the disk and the file's permissions"
 
 
 def now_iso() -> str:
@@ -41,6 +71,34 @@ def now_iso() -> str:
 
 def to_iso(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def db_text(value: str) -> str:
+    """Text SQLite can store: file names may hold bytes that are not UTF-8 (Python keeps them as lone
+    surrogates), which sqlite3 refuses to encode. They are written as backslash escapes (b'\\xff' ->
+    '\\xff'), readable by a person; valid names are unchanged."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def db_path(path: str | os.PathLike[str] | None) -> str | None:
+    """A file system path as stored in the database (see db_text); `fs_path` turns it back."""
+    return None if path is None else db_text(os.fspath(path))
+
+
+def fs_path(text: str | None) -> str | None:
+    """The file system path a db_path() value stands for (undoes the escapes of undecodable bytes)."""
+    if text is None or "\\x" not in text:
+        return text
+    # A valid UTF-8 name that literally contains "\\x80".."\\xff" would be misread; such names do not occur
+    # in practice, while names with undecodable bytes do (copied from old Windows/FAT media).
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
 def _create_private(path: Path) -> None:
@@ -171,12 +229,32 @@ class Writer:
         self.path = path
         self.conn = connect(path)
         migrate(self.conn, labels)
+        self.conn.execute(f"PRAGMA busy_timeout = {int(WRITER_BUSY_TIMEOUT_MS)}")
         self.labels = tuple(labels)
         self._in_tx = False
 
+    def _begin(self, lock_wait: float | None) -> None:
+        """BEGIN IMMEDIATE (take the write lock now), waiting up to lock_wait seconds (None: as long as it
+        takes) while another process holds it, and saying so in the log."""
+        start = last_log = time.monotonic()
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                if last_log != start:
+                    log.warning("got the write lock on %s after %.0f s", self.path, time.monotonic() - start)
+                return
+            except sqlite3.OperationalError as e:
+                now = time.monotonic()
+                if not is_locked(e) or (lock_wait is not None and now - start >= lock_wait):
+                    raise
+                if last_log == start or now - last_log >= LOCK_LOG_SECONDS:
+                    last_log = now
+                    log.warning("%s (waiting %.0f s so far)", describe_db_error(self.path, e), now - start)
+
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
+    def transaction(self, lock_wait: float | None = None) -> Iterator[None]:
+        """One write transaction; lock_wait as in _begin (0: fail after the busy timeout)."""
+        self._begin(lock_wait)
         try:
             yield
         except BaseException:
@@ -213,7 +291,7 @@ class Writer:
         cols = list(row)
         sql = (f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO {table} ({', '.join(cols)}) "
                f"VALUES ({', '.join('?' for _ in cols)})")
-        cur = self.conn.execute(sql, [row[c] for c in cols])
+        cur = self.conn.execute(sql, [db_text(v) if isinstance(v, str) else v for v in (row[c] for c in cols)])
         return int(cur.lastrowid) if cur.rowcount == 1 and cur.lastrowid is not None else None
 
     def set_file_state(self, table: str, row_id: int, state: str, stored_path: str | None = None) -> None:
@@ -222,25 +300,26 @@ class Writer:
             self.conn.execute(f"UPDATE {table} SET file_state = ? WHERE id = ?", (state, row_id))
         else:
             self.conn.execute(f"UPDATE {table} SET file_state = ?, stored_path = ? WHERE id = ?",
-                              (state, stored_path, row_id))
+                              (state, db_path(stored_path), row_id))
 
     def pending(self) -> list[dict[str, Any]]:
         """Rows whose file was not yet moved/deleted when the agent last stopped."""
         out = []
         for table in TABLES:
-            for r in self.conn.execute(f"SELECT id, original_path, stored_path FROM {table} WHERE file_state = 'pending'"):
-                out.append({"table": table, "id": r[0], "original_path": r[1], "stored_path": r[2]})
+            for r in self.conn.execute(f"SELECT id, original_path, stored_path FROM {table} "
+                                       "WHERE file_state = 'pending'"):
+                out.append({"table": table, "id": r[0], "original_path": fs_path(r[1]), "stored_path": fs_path(r[2])})
         return out
 
     def event(self, kind: str, detail: str = "") -> None:
-        self.conn.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (now_iso(), kind, detail))
+        self.conn.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (now_iso(), kind, db_text(detail)))
 
     def set_state(self, values: dict[str, Any]) -> None:
         t = now_iso()
         self.conn.executemany(
             "INSERT INTO agent_state (key, value, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            [(k, None if v is None else str(v), t) for k, v in values.items()])
+            [(k, None if v is None else db_text(str(v)), t) for k, v in values.items()])
 
     def close(self) -> None:
         self.conn.close()
@@ -265,8 +344,10 @@ class Reader:
         row = self._conn().execute("SELECT id FROM results WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else int(row[0])
 
-    def recorded(self, original_path: str, sha256: str | None, states: Iterable[str]) -> dict[str, Any] | None:
+    def recorded(self, original_path: str | os.PathLike[str], sha256: str | None,
+                 states: Iterable[str]) -> dict[str, Any] | None:
         """An existing row for this very inbox file (same path and content) in one of `states`."""
+        original_path = db_path(original_path)
         states = tuple(states)
         marks = ", ".join("?" for _ in states)
         for table in TABLES:
@@ -278,7 +359,7 @@ class Reader:
             params = (original_path, *(() if sha256 is None else (sha256,)), *states)
             row = self._conn().execute(sql, params).fetchone()
             if row is not None:
-                return {"table": table, "id": row[0], "stored_path": row[1], "file_state": row[2]}
+                return {"table": table, "id": row[0], "stored_path": fs_path(row[1]), "file_state": row[2]}
         return None
 
     def close(self) -> None:

@@ -89,7 +89,7 @@ def test_verify_command_accepts_then_rejects_a_tampered_bundle(built: tuple[Path
 def test_training_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     data = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
     out, work = tmp_path / "b", tmp_path / "w"
-    args = ["train", "--data", str(data), "--out", str(out), "--workdir", str(work), "--epochs", "3",
+    args = ["train", "--data", str(data), "--out", str(out), "--workdir", str(work), "--epochs", "2",
             "--ckpt-every", "1", *TINY]
     p = subprocess.Popen([sys.executable, "-m", "build_model", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -104,5 +104,5 @@ def test_training_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed at step {step_at_kill}" in r.stderr or "resumed at step" in r.stderr
     state = torch.load(work / "last.pt", weights_only=False)["state"]
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert (work / "best.pt").exists()
