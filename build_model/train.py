@@ -46,6 +46,10 @@ class TrainConfig:
     init_from: str = ""           # start from this checkpoint's weights instead of ImageNet (fine-tune stage)
 
 
+# Settings that do not change the training trajectory: a resume may change them.
+OPERATIONAL = {"patience", "threads", "ckpt_every"}
+
+
 def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
     counts = np.bincount(y, minlength=n).astype(np.float64)
     w = np.where(counts > 0, np.maximum(counts, 1) ** -power, 0.0)
@@ -119,7 +123,10 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     last = workdir / "last.pt"
     if resume and last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
-        if ck["config"] != asdict(cfg) or ck["labels"] != ds.labels:
+        saved = {**asdict(TrainConfig()), **ck["config"]}  # fields added since the checkpoint: defaults
+        same = {k: v for k, v in saved.items() if k not in OPERATIONAL} == \
+            {k: v for k, v in asdict(cfg).items() if k not in OPERATIONAL}
+        if not same or ck["labels"] != ds.labels:
             raise SystemExit(f"{last} was made with other settings or labels; use another --workdir or delete it to start over")
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); state = ck["state"]
         log(f"resumed at step {state['step']} (epoch {state['step'] // steps_per_epoch + 1})")
