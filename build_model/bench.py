@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.benchstats import file_mb, latency_summary, peak_rss_mb, ratio, table
+from edge_agent.benchstats import cpu_description, file_mb, latency_summary, peak_rss_mb, ratio, table
 
 ENGINES = ("torch-fp32", "ort-fp32", "ort-int8")
 
@@ -106,17 +106,7 @@ def run(bundle: Path, iters: int = 100, warmup: int = 10, threads: int | None = 
             r["x_vs_ort_fp32"] = ratio(r["images_per_s"], by.get("ort-fp32", {}).get("images_per_s"))
             r["x_vs_torch"] = ratio(r["images_per_s"], by.get("torch-fp32", {}).get("images_per_s"))
     return {"bundle": str(bundle), "threads": threads, "iterations": iters, "warmup": warmup,
-            "cpu": _cpu(), "rows": rows}
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+            "cpu": cpu_description(), "rows": rows}
 
 
 COLUMNS = [("engine", "engine", ""), ("batch", "batch", "d"), ("threads", "threads", "d"),
@@ -127,7 +117,9 @@ COLUMNS = [("engine", "engine", ""), ("batch", "batch", "d"), ("threads", "threa
 
 def render(result: dict) -> str:
     head = (f"model-level benchmark: {result['bundle']}\nCPU: {result['cpu']}, {result['threads']} threads, "
-            f"{result['iterations']} timed iterations after {result['warmup']} warm-up, each engine in its own process\n")
+            f"{result['iterations']} timed iterations after {result['warmup']} warm-up, each engine in its own process\n"
+            "ORT: CPUExecutionProvider, all graph optimisations, intra-op threads as stated; PyTorch: eager, "
+            "inference_mode; same real images, preprocessed as the manifest says\n")
     return head + table(result["rows"], COLUMNS)
 
 

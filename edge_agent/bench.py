@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .benchstats import dumps, peak_rss_mb, percentile, ratio, table
+from .benchstats import cpu_description, dumps, peak_rss_mb, percentile, ratio, table
 
 DEFAULT_SIZES = "source,1024x768,4000x3000"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
@@ -404,7 +404,8 @@ def scan_worker(spec: dict[str, Any]) -> dict[str, Any]:
     skip = spec.get("skip", s.queue_max + s.batch_size)
     return {
         "exit_code": code, "results": c.results, "quarantined": c.quarantined, "duplicates": c.duplicates,
-        "images_per_s": steady_rate(list(commits.values()), skip), "commits": len(commits), "scan_wall_s": wall, "scan_images_per_s": c.results / wall,
+        "images_per_s": steady_rate(list(commits.values()), skip), "commits": len(commits), "scan_wall_s": wall,
+        "scan_images_per_s": c.results / wall,
         "cpu_s_per_image": cpu / max(1, c.results), "first_result_s": (first[0] - t_launch) if first else float("nan"),
         "imports_s": t_imported - t_launch, "stage_ms": per_image_ms(timing, c.results),
         "mean_batch": ratio(timing.get("infer", {}).get("items", 0), timing.get("infer", {}).get("calls", 0)),
@@ -440,7 +441,7 @@ def _spawn(kind: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 # --- the run --------------------------------------------------------------------------------
 
-def run(inbox: Path, model: Path | None = None, count: int = 160, sizes: str = DEFAULT_SIZES, long: int = 0,
+def run(inbox: Path, model: Path | None = None, count: int = 320, sizes: str = DEFAULT_SIZES, long: int = 0,
         workdir: Path | None = None, agent_flags: dict[str, Any] | None = None, naive: bool = True,
         min_seconds: float = 1.0, skip: int | None = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Measure everything; returns a JSON-ready dict (see `render`)."""
@@ -459,7 +460,7 @@ def run(inbox: Path, model: Path | None = None, count: int = 160, sizes: str = D
     src_label = f"{first.shape[1]}x{first.shape[0]}" if first is not None else "source"
     result: dict[str, Any] = {
         "bundle": str(model), "model_id": bundle.model_id, "primary": bundle.primary, "input_size": bundle.input_size,
-        "cpu": _cpu(), "cores": cores, "count": count, "sources": str(inbox), "agent_flags": flags,
+        "cpu": cpu_description(), "cores": cores, "count": count, "sources": str(inbox), "agent_flags": flags,
         "python": sys.version.split()[0], "versions": _versions(), "sizes": [],
     }
     for size in parse_sizes(sizes):
@@ -515,18 +516,6 @@ def _scan(files: Sequence[Path], run_dir: Path, flags: dict[str, Any], skip: int
     return out
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} [{' '.join(isa) or 'no AVX2'}]"
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for mod in ("onnxruntime", "cv2", "numpy"):
@@ -540,6 +529,7 @@ def _versions() -> dict[str, str]:
 # --- output --------------------------------------------------------------------------------
 
 THROUGHPUT = [("size", "images", ""), ("count", "N", "d"), ("agent", "agent img/s", ".1f"),
+              ("whole", "whole scan", ".1f"),
               ("naive", "naive img/s", ".1f"), ("x_naive", "x naive", ".2f"), ("bound_stage", "slowest stage", ""),
               ("bound", "bound img/s", ".1f"), ("fraction", "of bound", ".0%"), ("cpu_bound", "CPU bound img/s", ".1f"),
               ("cpu_fraction", "of CPU bound", ".0%"), ("first", "1st result s", ".2f"), ("rss", "peak RSS MB", ".0f")]
@@ -553,6 +543,7 @@ def _rows(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
     for e in result["sizes"]:
         scan, naive, stages = e["scan"], e.get("naive") or {}, e["stages"]
         thr.append({"size": e["size"], "count": e["count"], "agent": scan["images_per_s"],
+                    "whole": scan["scan_images_per_s"],
                     "naive": naive.get("images_per_s"), "x_naive": e["x_naive"], "bound_stage": e["bound_stage"],
                     "bound": e["bound_images_per_s"], "fraction": e["fraction_of_bound"],
                     "cpu_bound": e["cpu_bound_images_per_s"], "cpu_fraction": e["fraction_of_cpu_bound"],
@@ -576,8 +567,9 @@ def render(result: dict[str, Any]) -> str:
             f"CPU: {result['cpu']}, {result['cores']} cores; agent: workers={scan0.get('workers')} "
             f"threads={scan0.get('threads')} batch={scan0.get('batch_size')} queue_max={scan0.get('queue_max')}; "
             f"onnxruntime {result['versions'].get('onnxruntime')}, OpenCV {result['versions'].get('cv2')}\n"
-            "agent img/s: steady state of `scan`; bound: slowest of decode+preprocess and inference measured alone "
-            "(each with the agent's threads); CPU bound: cores / CPU-seconds of all stages per image\n")
+            "agent img/s: steady state of `scan` (whole scan: start-up included); bound: slowest of "
+            "decode+preprocess and inference measured alone (each with the agent's threads); CPU bound: cores / "
+            "CPU-seconds of all stages per image\n")
     thr, stg = _rows(result)
     text = head + "\n" + table(thr, THROUGHPUT)
     text += ("\n\nper-stage time, ms per image ('agent scan' is the busy time of each stage summed over its threads, "

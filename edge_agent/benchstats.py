@@ -58,6 +58,19 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+def cpu_description() -> str:
+    """CPU model and the SIMD extensions that decide INT8 speed (VNNI: int8 dot products in one instruction)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith(("flags", "Features"))), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    return f"{name} [{' '.join(isa) or 'no AVX2/dot-product extensions'}]"
+
+
 def file_mb(path: str | os.PathLike) -> float:
     return os.path.getsize(path) / 1e6
 

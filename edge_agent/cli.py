@@ -211,7 +211,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
               help="folder of real JPEGs to benchmark on (read only: the benchmark screens copies)")
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="model bundle (default: the bundle shipped with the package)")
-@click.option("--count", type=click.IntRange(min=2), default=160, show_default=True,
+@click.option("--count", type=click.IntRange(min=2), default=320, show_default=True,
               help="distinct images per size (the same N for every measurement)")
 @click.option("--sizes", default="source,1024x768,4000x3000", show_default=True,
               help="image sizes: 'source' (as they are) and WIDTHxHEIGHT upscaled copies the benchmark generates")

@@ -49,7 +49,7 @@ class Settings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = field(default_factory=lambda: max(1, min(4, _cpus())))
     workers: int = field(default_factory=lambda: max(1, min(4, _cpus())))
-    batch_size: int = 8
+    batch_size: int = 4  # measured: same throughput as 8 on 2 cores, keeps a 1,000-image scan under 200 MB RSS
     spot_check_fraction: float = 0.02
     thresholds: dict[str, float] = field(default_factory=dict)
     threshold_override: bool = False

@@ -49,6 +49,7 @@ class Engine:
         self._reference: ort.InferenceSession | None = None
         self._reference_failed = False
         self._lock = threading.Lock()
+        self._reference_lock = threading.Lock()
 
     @property
     def is_fallback(self) -> bool:
@@ -59,7 +60,7 @@ class Engine:
         """FP32 cross-checks make sense only while an INT8 model produces the results."""
         return self.variant == "int8" and "fp32" in self.bundle.variants and not self._reference_failed
 
-    def _open(self, variant: str) -> ort.InferenceSession:
+    def _open(self, variant: str, spot_check: bool = False) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -68,6 +69,13 @@ class Engine:
         # Idle worker threads must sleep, not spin: the box does other work and
         # the agent is mostly waiting for images.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Memory patterns pre-plan one block per batch size seen, on top of the
+        # arena: tens of MB for no measurable speed on this small model.
+        so.enable_mem_pattern = False
+        if spot_check:
+            # Spot-checks run a few images in a hundred: lean beats fast here. Without the
+            # NCHWc layout pass the FP32 weights are not kept a second time in blocked form.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         sess = ort.InferenceSession(self.bundle.model_bytes(variant), sess_options=so, providers=self.providers)
         inputs = {i.name: i for i in sess.get_inputs()}
         outputs = {o.name for o in sess.get_outputs()}
@@ -138,18 +146,36 @@ class Engine:
                     raise InferenceError(f"the fallback {self.variant} model failed to run too ({_short(e2)}); images stay "
                                          "in the inbox - rebuild the bundle") from e2
 
+    def prepare_reference(self) -> None:
+        """Open the FP32 spot-check model ahead of the first spot-check (from a spare thread): opening it
+        takes a few hundred ms that would otherwise stall the inference thread mid-scan."""
+        if not self.can_spot_check:
+            return
+        try:
+            self._reference_session()
+        except Exception as e:
+            self._disable_reference(e)
+
+    def _reference_session(self) -> ort.InferenceSession:
+        with self._reference_lock:
+            if self._reference is None:
+                self._reference = self._open("fp32", spot_check=True)
+            return self._reference
+
+    def _disable_reference(self, e: Exception) -> None:
+        if not self._reference_failed:
+            self._reference_failed = True
+            log.warning("FP32 spot-checks disabled: the FP32 model cannot run (%s)", _short(e))
+            self.on_event("spot_check_disabled", f"fp32 cannot run: {_short(e)}")
+
     def reference(self, x: np.ndarray) -> np.ndarray | None:
         """FP32 logits for spot-checking INT8 results; None when unavailable (logged once)."""
         if not self.can_spot_check:
             return None
         try:
-            if self._reference is None:
-                self._reference = self._open("fp32")
-            return self._run(self._reference, x)
+            return self._run(self._reference_session(), x)
         except Exception as e:
-            self._reference_failed = True
-            log.warning("FP32 spot-checks disabled: the FP32 model cannot run (%s)", _short(e))
-            self.on_event("spot_check_disabled", f"fp32 cannot run: {_short(e)}")
+            self._disable_reference(e)
             return None
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import time
 import stat
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def test_abandoned_partial_upload_is_quarantined(dirs: dict[str, Path], bundle_d
     old = p.stat().st_mtime - 3600
     os.utime(p, (old, old))
     # ctime cannot be set back; a partial timeout shorter than the test's own age stands in for "an hour later"
+    time.sleep(0.1)  # ...and the file must really be older than that timeout when the scan first looks
     code, agent = scan_now(dirs, bundle_dir, partial_timeout_seconds=0.01)
     assert code == 0
     q = rows(dirs["db"], "SELECT reason_code, reason FROM quarantine")
