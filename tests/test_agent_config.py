@@ -16,7 +16,7 @@ def toml(tmp_path: Path, text: str) -> Path:
 
 def test_defaults(tmp_path: Path) -> None:
     s = load_settings({"inbox": tmp_path / "in", "db": tmp_path / "r.db"}, environ={})
-    assert s.after == "move" and s.providers == ("CPUExecutionProvider",) and s.batch_size == 8
+    assert s.after == "move" and s.providers == ("CPUExecutionProvider",) and s.batch_size == 4
     assert s.processed_path == tmp_path / "processed" and s.quarantine_path == tmp_path / "quarantine"
     assert s.model_path.name == "bundle" and s.model_path.parent.name == "edge_agent"
 
