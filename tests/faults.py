@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import os
 import shutil
 import signal
@@ -309,7 +310,17 @@ def unprivileged_prefix() -> list[str] | None:
     exe = shutil.which("setpriv")
     if exe is None:
         return None
-    return [exe, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    prefix = [exe, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return prefix if _nobody_can_run_agent(tuple(prefix)) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _nobody_can_run_agent(prefix: tuple[str, ...]) -> bool:
+    """The unprivileged user must be able to import the agent's dependencies from this interpreter
+    (a virtualenv inside a 0700 folder, such as one under `mktemp -d`, is invisible to it)."""
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import click, onnxruntime, cv2, watchdog, sqlite_utils"],
+                           capture_output=True, timeout=60, cwd="/")
+    return probe.returncode == 0
 
 
 def give_to_nobody(*paths: Path) -> None:
