@@ -22,7 +22,7 @@ from pathlib import Path
 from faults import (AgentProc, agent_env, assert_exactly_once, distinct_images, inbox_files, integrity, outcome_count,
                     outcome_rows, sha, site_args, wait_for, write_images)
 
-N_IMAGES = 400  # at least 300; extra so that even a fast machine has work left at every kill
+N_IMAGES = 700  # at least 300; extra so that even a fast machine has work left at every kill
 # (crash point, n-th time it is reached) for the hook rounds; None: a random SIGKILL from outside.
 SCHEDULE: list[tuple[str, int] | None] = [
     ("in_commit", 1), None, ("after_commit", 2), ("mid_move", 1), None, ("after_move", 1), ("in_file_state", 2),
@@ -81,7 +81,10 @@ def test_sigkill_at_many_points_then_restart_loses_and_duplicates_nothing(procs,
             randoms += 1
             if randoms % 2:  # during start-up: imports, migration, reconcile, model load, first scan
                 delay = rng.uniform(0.05, 0.5)
-                time.sleep(delay)
+                t0 = time.monotonic()  # ...but still in start-up: a fast machine may already be screening
+                while time.monotonic() - t0 < delay and outcome_count(dirs["db"]) == rows_before and a.alive():
+                    time.sleep(0.002)
+                delay = time.monotonic() - t0
                 what = f"random SIGKILL {delay:.2f} s after start"
             else:  # while screening: a random moment after the first new row
                 wait_for(lambda: outcome_count(dirs["db"]) > rows_before, timeout=60, what="progress", proc=a,
