@@ -248,6 +248,7 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from .decode import QualityLimits, decode_image
     from .infer import Engine
     from .intake import read_file
+    from .pipeline import result_row
     from .store import Writer, now_iso
     from .triage import Policy, softmax, triage
 
@@ -303,17 +304,10 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
             with writer.transaction():
                 for i in range(start, min(n, start + COMMIT_ROWS)):
                     t, d = probs_out[i], decoded[i]
-                    ids.append(writer.insert_result({
-                        "sha256": f"{p:08x}{i:056x}", "processed_at": now_iso(), "model_id": bundle.model_id,
-                        "model_variant": engine.variant, "fallback": 0, "label": t.label, "label_name": t.label,
-                        "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
-                        "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},
-                        "needs_review": int(t.needs_review), "review_reasons": ",".join(t.reasons),
-                        "high_risk_rules": ",".join(t.rules_hit), "quality_issues": ",".join(d.quality.issues),
-                        "sharpness": d.quality.sharpness, "brightness": d.quality.brightness,
-                        "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
-                        "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
-                        "decode_reduction": d.reduction, "spot_checked": 0, "spot_label": None, "latency_ms": 1.0,
+                    row = result_row(t, d, sha256=f"{p:08x}{i:056x}", processed_at=now_iso(),
+                                     model_id=bundle.model_id, variant=engine.variant, fallback=False,
+                                     label_name=t.label, spot_checked=False, spot_label=None, latency_ms=1.0)
+                    ids.append(writer.insert_result(row | {
                         "original_name": files[i].name, "original_path": str(files[i]), "received_at": now_iso(),
                         "stored_path": f"/processed/{p}/{files[i].name}", "file_state": "pending"}))
             with writer.transaction():

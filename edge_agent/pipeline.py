@@ -559,19 +559,10 @@ class Agent:
                 spot_label = theirs.label
                 disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
             t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
-            row = {
-                "sha256": j.sha256, "processed_at": processed_at, "model_id": b.model_id, "model_variant": variant,
-                "fallback": int(fallback), "label": t.label, "label_name": b.label_names.get(t.label, t.label),
-                "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
-                "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},
-                "needs_review": int(t.needs_review), "review_reasons": ",".join(t.reasons),
-                "high_risk_rules": ",".join(t.rules_hit), "quality_issues": ",".join(d.quality.issues),
-                "sharpness": d.quality.sharpness, "brightness": d.quality.brightness,
-                "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
-                "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
-                "decode_reduction": d.reduction, "spot_checked": int(i in ref), "spot_label": spot_label,
-                "latency_ms": round((done - j.cand.dispatched) * 1000, 1),
-            }
+            row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
+                             variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
+                             spot_checked=i in ref, spot_label=spot_label,
+                             latency_ms=round((done - j.cand.dispatched) * 1000, 1))
             j.decoded = None
             self._emit(Outcome("result", j, row=row))
 
@@ -613,3 +604,21 @@ class Agent:
             self.on_outcome(o)
 
 
+
+
+def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
+               label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float) -> dict[str, Any]:
+    """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark."""
+    return {
+        "sha256": sha256, "processed_at": processed_at, "model_id": model_id, "model_variant": variant,
+        "fallback": int(fallback), "label": t.label, "label_name": label_name,
+        "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
+        "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},
+        "needs_review": int(t.needs_review), "review_reasons": ",".join(t.reasons),
+        "high_risk_rules": ",".join(t.rules_hit), "quality_issues": ",".join(d.quality.issues),
+        "sharpness": d.quality.sharpness, "brightness": d.quality.brightness,
+        "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
+        "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
+        "decode_reduction": d.reduction, "spot_checked": int(spot_checked), "spot_label": spot_label,
+        "latency_ms": latency_ms,
+    }
