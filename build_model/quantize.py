@@ -12,7 +12,6 @@ multiply-adds can saturate in 16 bits; whether it helps is measured per model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +145,3 @@ def sensitive_nodes(fp32_prep: Path, int8: Path, x: np.ndarray, workdir: Path) -
         if group:
             groups.append(group)
     return groups
-
-
-def save_choice(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))

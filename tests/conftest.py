@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bundle_factory import make_bundle  # noqa: E402
+from faults import agent_env  # noqa: E402,F401  (one definition, shared with the fault suite)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "images"
@@ -102,13 +103,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         time.sleep(0.05)
 
 
-def agent_env(**extra: str) -> dict[str, str]:
-    """Environment for agent subprocesses: no inherited EDGE_AGENT_* or systemd variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EDGE_AGENT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                                                             "JOURNAL_STREAM")}
-    env.update(extra)
-    return env
 
 
 def agent_cmd(*args: str) -> list[str]:
