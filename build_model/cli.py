@@ -15,6 +15,7 @@ import click
 
 from edge_agent.preprocess import Preprocessing
 
+from .quantize import CALIB_SIZE
 from .train import TrainConfig
 
 
@@ -58,8 +59,12 @@ def with_options(opts):
 
 def train_options(f):
     for fld in reversed([f for f in fields(TrainConfig) if f.name != "seed"]):
-        f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=type(fld.default),
-                         default=None, help=f"default {fld.default}")(f)
+        flag = fld.name.replace('_', '-')
+        if isinstance(fld.default, bool):
+            f = click.option(f"--{flag}/--no-{flag}", fld.name, default=None, help=f"default {fld.default}")(f)
+        else:
+            f = click.option(f"--{flag}", fld.name, type=type(fld.default), default=None,
+                             help=f"default {fld.default}")(f)
     return f
 
 
@@ -107,7 +112,7 @@ def export(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 
 @main.command()
 @with_options(common_train)
-@click.option("--calib-size", type=int, default=256, show_default=True, help="calibration images (training split, stratified)")
+@click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True, help="calibration images (training split, stratified)")
 def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size: int) -> None:
     """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range on the validation split."""
     from .stages import quantize_stage
@@ -141,7 +146,7 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 @with_options(common_train)
 @train_options
 @click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
-@click.option("--calib-size", type=int, default=256, show_default=True)
+@click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True)
 @click.pass_context
 def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
         calib_size: int, **kw) -> None:

@@ -80,19 +80,22 @@ class MBConv(nn.Module):
         self._bn2 = nn.BatchNorm2d(cout, momentum=BN_MOMENTUM, eps=BN_EPS)
         self.skip = stride == 1 and cin == cout
         self.drop_connect = drop_connect
+        # Where INT8 inference rounds activations: identities (no state, gone in
+        # ONNX) that quantization-aware training swaps for fake-quantizers.
+        self.q_expand, self.q_depthwise, self.q_project, self.q_add = (nn.Identity() for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self.has_expand:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+            y = self.q_expand(F.relu6(self._bn0(self._expand_conv(y))))
+        y = self.q_depthwise(F.relu6(self._bn1(self._depthwise_conv(y))))
+        y = self.q_project(self._bn2(self._project_conv(y)))
         if self.skip:
             if self.training and self.drop_connect > 0:
                 keep = 1.0 - self.drop_connect
                 mask = torch.rand(y.shape[0], 1, 1, 1, device=y.device) < keep
                 y = y * mask / keep
-            y = y + x
+            y = self.q_add(y + x)
         return y
 
 
@@ -116,12 +119,13 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
+        self.q_stem, self.q_head = nn.Identity(), nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self.q_stem(F.relu6(self._bn0(self._conv_stem(x))))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return self.q_head(F.relu6(self._bn1(self._conv_head(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).mean(dim=(2, 3))

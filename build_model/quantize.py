@@ -21,6 +21,7 @@ from .export import INPUT, OUTPUT
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 FP32_FIRST_CONVS = 3
+CALIB_SIZE = 256  # calibration images (QAT measures its ranges on the same ones)
 
 
 class ArrayReader:

@@ -23,7 +23,7 @@ from .calibrate import apply_thresholds, calibration_report, choose_thresholds, 
 from .data import Dataset
 from .export import export_onnx, load_checkpoint, parity, run_onnx, session
 from .metrics import ece, softmax, summarize
-from .quantize import Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
+from .quantize import CALIB_SIZE, Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
 
 Log = Callable[[str], None]
 HIGH_RISK = ["mel", "bcc", "akiec"]
@@ -72,7 +72,7 @@ def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: lis
             "mel_sensitivity": s["per_class"].get("mel", {}).get("sensitivity")}
 
 
-def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = 256, seed: int = 0,
+def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = CALIB_SIZE, seed: int = 0,
                    methods: tuple[str, ...] = METHODS) -> dict:
     pre, _ = checkpoint_pre(work)
     prep = preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")

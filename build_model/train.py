@@ -44,6 +44,7 @@ class TrainConfig:
     ckpt_every: int = 50
     max_source_side: int = 320    # images are cached in RAM at most this short side
     init_from: str = ""           # start from this checkpoint's weights instead of ImageNet (fine-tune stage)
+    qat: bool = False             # quantization-aware fine-tune (needs init_from): round like the INT8 model does
 
 
 # Settings that do not change the training trajectory: a resume may change them.
@@ -109,6 +110,18 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             raise SystemExit(f"--init-from {cfg.init_from} has labels {init['labels']}, the data has {ds.labels}")
         model.load_state_dict(init["model"])  # padding amounts are not parameters: any input size works
         log(f"initialised from {cfg.init_from} (epoch {init.get('epoch')})")
+    cal_x = None
+    if cfg.qat:
+        if not cfg.init_from:
+            raise SystemExit("--qat fine-tunes a trained model for INT8; give --init-from <workdir>/best.pt of a float run")
+        from .qat import calibrate, float_pass, prepare
+        from .quantize import CALIB_SIZE, FP32_FIRST_CONVS, calibration_indices
+
+        rounded = prepare(model, FP32_FIRST_CONVS)
+        pos = {int(g): i for i, g in enumerate(tr)}
+        cal = calibration_indices(ds.y, split, CALIB_SIZE, cfg.seed)
+        cal_x = torch.from_numpy(np.stack([preprocess(tr_imgs[pos[int(g)]], pre) for g in cal]))
+        log(f"QAT: {len(rounded)} convolutions round their weights; activation ranges from {len(cal)} calibration images")
     model = model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -139,7 +152,9 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         epoch = state["step"] // steps_per_epoch
         order = epoch_order(ytr, n_cls, cfg, epoch)
         rng = np.random.default_rng(cfg.seed * 7919 + state["step"])
-        model.train()
+        if cal_x is not None:  # weights moved: re-measure the ranges ORT's calibrator would see now
+            calibrate(model, cal_x.contiguous(memory_format=torch.channels_last))
+        model.train(not cfg.qat)  # QAT: BatchNorm frozen and no dropout, see qat.py
         start_in_epoch = state["step"] - epoch * steps_per_epoch
         bar = tqdm(range(start_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", mininterval=5, initial=start_in_epoch, total=steps_per_epoch)
@@ -153,6 +168,10 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
                 g["lr"] = lr_at(state["step"], total, warmup, cfg.lr)
             logits = model(x)
             loss = F.cross_entropy(logits, y, weight=loss_w, label_smoothing=cfg.label_smoothing)
+            if cfg.qat:
+                with torch.no_grad(), float_pass(model):
+                    target = F.softmax(model(x), 1)
+                loss = loss + F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,13 +182,18 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             if state["step"] % cfg.ckpt_every == 0:
                 checkpoint()
         bar.close()
-        val = summarize(yva, softmax(predict_logits(model, va_imgs, pre)), ds.labels)
+        val_logits = predict_logits(model, va_imgs, pre)
+        val = summarize(yva, softmax(val_logits), ds.labels)
+        if cfg.qat:  # the gate's measure, simulated: rounded vs float top-1 on val
+            with float_pass(model):
+                val["qat_agreement"] = float((predict_logits(model, va_imgs, pre).argmax(1) == val_logits.argmax(1)).mean())
         score = val["balanced_accuracy"] + val["macro_auc"]  # pick on both: BA alone is noisy on rare classes
         rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": run_loss / max(seen, 1),
                "train_acc": run_acc / max(seen, 1), "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
                "val_mel_sensitivity": val["per_class"].get("mel", {}).get("sensitivity"),
-               "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+               "qat_agreement": val.get("qat_agreement"), "lr": opt.param_groups[0]["lr"],
+               "seconds": time.time() - t0}
         state["history"].append(rec)
         if score > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
@@ -181,7 +205,8 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         (workdir / "history.json").write_text(json.dumps(state["history"], indent=2))
         log(f"epoch {epoch + 1}: loss {rec['train_loss']:.3f} val acc {val['accuracy']:.3f} "
             f"bal-acc {val['balanced_accuracy']:.3f} AUC {val['macro_auc']:.3f} "
-            f"mel-sens {rec['val_mel_sensitivity']:.3f} ({rec['seconds']:.0f}s)"
+            f"mel-sens {rec['val_mel_sensitivity']:.3f}"
+            + (f" int8-sim agreement {rec['qat_agreement']:.4f}" if cfg.qat else "") + f" ({rec['seconds']:.0f}s)"
             + (" *best*" if state["best_epoch"] == epoch + 1 else ""))
     if state["bad_epochs"] >= cfg.patience:
         log(f"early stop: no validation improvement for {cfg.patience} epochs (best epoch {state['best_epoch']})")

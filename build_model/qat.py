@@ -1,0 +1,151 @@
+"""Quantization-aware fine-tuning that mirrors what ONNX Runtime's INT8 will do.
+
+Post-training quantization of the default model failed the gate on the
+residual stream: with every convolution kept in FP32, the 8-bit Q/DQ pairs
+left on the project-conv and Add outputs alone cost 1% top-1 agreement. No
+calibration method fixes that; the weights have to learn to live with it. So
+for a short fine-tune the forward pass rounds exactly where and how
+`quantize.quantize` will round:
+
+* activations: uint8, asymmetric, per tensor, range = min/max over the same
+  calibration images the quantize stage uses, with 0 inside the range
+  (ORT's MinMax), re-measured at the start of every epoch;
+* weights: int8, symmetric [-127, 127], per output channel (ORT per_channel
+  with WeightSymmetric). Symmetric per-channel rounding commutes with the
+  per-channel scale that BatchNorm folding applies, so rounding the unfolded
+  weight is the same as rounding the folded one;
+* the first `FP32_FIRST_CONVS` convolutions and the classifier stay float,
+  as they do in the INT8 model.
+
+The model runs in eval mode throughout: BatchNorm statistics stay frozen (the
+exported graph folds them) and dropout is off, so the only difference between
+the rounded pass and the float pass is the rounding. The loss adds, to the
+usual cross-entropy, a KL term pulling the rounded output towards the float
+output of the same weights: the gate measures FP32/INT8 top-1 agreement, so
+that is trained for directly. Gradients pass the rounding straight through
+(PyTorch's fake-quantize ops). Nothing
+here adds parameters or persistent buffers: the checkpoint loads into the
+plain model and exports exactly like any other.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .model import EfficientNetLite0
+
+
+@dataclass
+class QatState:
+    weights: bool = True   # round weights (off while calibrating: ORT calibrates the float model)
+    acts: bool = True      # round activations (off for the float reference pass)
+
+
+@contextmanager
+def float_pass(model: nn.Module) -> Iterator[None]:
+    """Run `model` as the FP32 graph the INT8 one will be compared with."""
+    state: QatState = model._qat
+    saved = (state.weights, state.acts)
+    state.weights = state.acts = False
+    try:
+        yield
+    finally:
+        state.weights, state.acts = saved
+
+
+class ActQuant(nn.Module):
+    """uint8 fake-quantizer with a MinMax range measured by `calibrate`."""
+
+    def __init__(self, state: QatState) -> None:
+        super().__init__()
+        self.state = state
+        self.register_buffer("lo", torch.zeros(()), persistent=False)
+        self.register_buffer("hi", torch.zeros(()), persistent=False)
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.lo = torch.minimum(self.lo, x.detach().min())
+            self.hi = torch.maximum(self.hi, x.detach().max())
+            return x
+        lo, hi = float(self.lo), float(self.hi)
+        if hi <= lo or not self.state.acts:
+            return x
+        scale = (hi - lo) / 255.0
+        zero = min(255, max(0, round(-lo / scale)))
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    scale = (w.detach().abs().amax(dim=tuple(range(1, w.ndim))) / 127.0).clamp_min(1e-12)
+    return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
+
+
+def _convs_in_order(model: EfficientNetLite0) -> list[tuple[nn.Conv2d, str, nn.Module]]:
+    """(conv, name, the quant point on its output) in the order the ONNX graph lists them."""
+    points: list[tuple[nn.Conv2d, str, nn.Module, str]] = [(model._conv_stem, "_conv_stem", model, "q_stem")]
+    for i, b in enumerate(model._blocks):
+        if b.has_expand:
+            points.append((b._expand_conv, f"_blocks.{i}._expand_conv", b, "q_expand"))
+        points.append((b._depthwise_conv, f"_blocks.{i}._depthwise_conv", b, "q_depthwise"))
+        points.append((b._project_conv, f"_blocks.{i}._project_conv", b, "q_project"))
+    points.append((model._conv_head, "_conv_head", model, "q_head"))
+    return [(c, f"{name}|{attr}", owner) for c, name, owner, attr in points]
+
+
+def prepare(model: EfficientNetLite0, fp32_first_convs: int) -> list[str]:
+    """Make `model` round like the INT8 graph; return the names of the rounded convolutions."""
+    state = QatState()
+    model._qat = state  # plain attribute: not a parameter, not in the state dict
+    convs = _convs_in_order(model)
+    rounded = [i >= fp32_first_convs for i in range(len(convs))]
+    names = []
+    for i, (conv, tag, owner) in enumerate(convs):
+        name, attr = tag.split("|")
+        # ORT puts a Q/DQ pair on a tensor when its producer or its consumer is quantized.
+        if rounded[i] or (i + 1 < len(convs) and rounded[i + 1]):
+            setattr(owner, attr, ActQuant(state))
+        if rounded[i]:
+            names.append(name)
+            _round_weights(conv, state)
+    for b in model._blocks:
+        if b.skip:
+            b.q_add = ActQuant(state)
+    model.eval()
+    return names
+
+
+def _round_weights(conv: nn.Conv2d, state: QatState) -> None:
+    pads = getattr(conv, "pads", (0, 0, 0, 0))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if any(pads):
+            x = F.pad(x, pads)
+        w = quantize_weight(conv.weight) if state.weights else conv.weight
+        return conv._conv_forward(x, w, conv.bias)
+
+    conv.forward = forward
+
+
+@torch.no_grad()
+def calibrate(model: EfficientNetLite0, x: torch.Tensor, batch: int = 32) -> None:
+    """Measure every activation range on `x` with the float model, as ORT's MinMax calibrator does."""
+    points = [m for m in model.modules() if isinstance(m, ActQuant)]
+    was_training = model.training
+    model.eval()
+    model._qat.weights = False
+    for m in points:
+        m.lo.zero_(); m.hi.zero_(); m.observing = True
+    try:
+        for i in range(0, len(x), batch):
+            model(x[i:i + batch])
+    finally:
+        for m in points:
+            m.observing = False
+        model._qat.weights = True
+    model.train(was_training)
