@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -147,10 +148,16 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 @train_options
 @click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
 @click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True)
+@click.option("--qat-epochs", type=int, default=0, show_default=True,
+              help="after training, this many epochs of quantization-aware fine-tuning (in <workdir>/qat) so that "
+                   "the INT8 model can pass the gate; 0 skips it")
+@click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
 @click.pass_context
 def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
-        calib_size: int, **kw) -> None:
-    """Run every stage: train, export, quantize, validate, bundle (each resumes or redoes its part)."""
+        calib_size: int, qat_epochs: int, qat_lr: float, **kw) -> None:
+    """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
+    from dataclasses import replace
+
     from . import stages
 
     cfg = make_config(seed, kw)
@@ -159,7 +166,16 @@ def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: i
     _padding(work, cfg.image_size)
     from .train import train as run_train
 
-    run_train(ds, split, work, cfg, Preprocessing(input_size=cfg.image_size), resume=not no_resume, log=_log)
+    pre = Preprocessing(input_size=cfg.image_size)
+    best = run_train(ds, split, work, cfg, pre, resume=not no_resume, log=_log)
+    if qat_epochs > 0 and not cfg.qat:
+        qcfg = replace(cfg, epochs=qat_epochs, lr=qat_lr, warmup_epochs=0.1, label_smoothing=0.0, qat=True,
+                       init_from=str(best))
+        work = work / "qat"
+        work.mkdir(exist_ok=True)
+        shutil.copyfile(work.parent / "padding.json", work / "padding.json")
+        _log(f"quantization-aware fine-tuning: {qat_epochs} epochs from {best}")
+        run_train(ds, split, work, qcfg, pre, resume=not no_resume, log=_log)
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed)
     stages.validate(ds, split, work, _log, seed)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .preprocess import Preprocessing, preprocess
+from .preprocess import Preprocessing, preprocess_bgr
 
 SUPPORTED = ("jpeg", "png", "bmp", "tiff", "webp")
 MIN_SIDE = 32
@@ -413,7 +413,4 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
     k = reduction_for(header, pre.input_size)
     bgr = decode_pixels(data, header, k)
     quality = measure_quality(bgr, limits)
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    del bgr
-    tensor = preprocess(rgb, pre)
-    return Decoded(header, k, tensor, quality)
+    return Decoded(header, k, preprocess_bgr(bgr, pre), quality)

@@ -79,29 +79,60 @@ def _pick(interpolation: str, shrinking: bool) -> int:
     return _INTERP[interpolation]
 
 
-def shades_of_gray(rgb: np.ndarray, p: int = 6) -> np.ndarray:
-    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004).
+def shades_of_gray_gains(planes: list[np.ndarray], p: int = 6) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004): one gain per channel.
 
-    Divides out the illuminant estimated as the Minkowski p-norm of each
-    channel, so a camera's white balance or a clinic's lamp matters less.
-    Standard preprocessing for dermoscopy from several sources (Barata et al.).
+    The illuminant is estimated as the Minkowski p-norm of each channel, and
+    dividing it out makes a camera's white balance or a clinic's lamp matter
+    less (standard for dermoscopy, Barata et al.). The p-norm of a uint8
+    channel is computed from its 256-bin histogram, exactly and in float64:
+    a weighted sum of 256 powers instead of raising every pixel to the 6th.
     """
-    img = rgb.astype(np.float32)
-    norm = np.power(np.mean(np.power(img, p), axis=(0, 1)), 1.0 / p)
-    gain = norm.mean() / np.maximum(norm, 1e-6)
-    return np.clip(img * gain, 0, 255)
+    v = _POWERS.get(p)
+    if v is None:
+        v = np.arange(256, dtype=np.float64) ** p
+    norm = np.empty(len(planes))
+    for c, plane in enumerate(planes):
+        hist = cv2.calcHist([plane], [0], None, [256], [0, 256]).ravel().astype(np.float64)
+        norm[c] = (hist @ v / plane.size) ** (1.0 / p)
+    return norm.mean() / np.maximum(norm, 1e-6)
+
+
+_POWERS = {6: np.arange(256, dtype=np.float64) ** 6}
+_LEVELS = np.arange(256, dtype=np.float64)
 
 
 def to_tensor(rgb_square: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Colour-correct and normalize an already resized HxWx3 uint8 RGB image to CxHxW float32."""
-    img = shades_of_gray(rgb_square, pre.shades_of_gray_p) if pre.color_constancy == "shades_of_gray" \
-        else rgb_square.astype(np.float32)
+    return _planes_to_tensor(_planes(rgb_square), pre)
+
+
+def _planes(img: np.ndarray) -> list[np.ndarray]:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"preprocessing needs an HxWx3 uint8 image, got {img.dtype} {img.shape}")
+    return list(cv2.split(img))
+
+
+def _planes_to_tensor(rgb: list[np.ndarray], pre: Preprocessing) -> np.ndarray:
+    """Per channel the whole chain is a function of the uint8 value,
+    clip(v * gain, 0, 255) then (x - mean) / std, so it runs as one 256-entry
+    lookup table per channel, written straight into the CHW output."""
     if pre.color_order == "BGR":
-        img = img[..., ::-1]
-    img = (img - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(img.transpose(2, 0, 1))
+        rgb = rgb[::-1]
+    gains = shades_of_gray_gains(rgb, pre.shades_of_gray_p) if pre.color_constancy == "shades_of_gray" \
+        else np.ones(3)
+    out = np.empty((3, *rgb[0].shape), np.float32)
+    for c, plane in enumerate(rgb):
+        lut = ((np.minimum(_LEVELS * gains[c], 255.0) - pre.mean[c]) / pre.std[c]).astype(np.float32)
+        out[c] = cv2.LUT(plane, lut)
+    return out
 
 
 def preprocess(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Full contract: HxWx3 uint8 RGB of any size -> 3xSxS float32."""
     return to_tensor(resize_and_crop(rgb, pre.input_size, pre.resize, pre.interpolation), pre)
+
+
+def preprocess_bgr(bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """`preprocess` for OpenCV's BGR order, without converting the full-size image to RGB first."""
+    return _planes_to_tensor(_planes(resize_and_crop(bgr, pre.input_size, pre.resize, pre.interpolation))[::-1], pre)

@@ -47,7 +47,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("build")
     data = make_ham(root / "ham", lesions_per_class=5, images_per_lesion=2)
     out = root / "bundle"
-    r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14", *TINY)
+    r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14", "--qat-epochs", "1",
+            *TINY)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, root / "bundle.work"
 
@@ -63,10 +64,12 @@ def test_all_writes_a_bundle_the_agent_accepts(built: tuple[Path, Path]) -> None
     assert m["temperature"] > 0 and 0 < m["thresholds"]["melanoma"]["probability"] <= 1
     assert "test_sensitivity" in m["thresholds"]["malignant"]
     assert "CC BY-NC 4.0" in m["license"] and "Tschandl" in m["citation"]
-    quant = json.loads((work / "quantize.json").read_text())
+    quant = json.loads((work / "qat" / "quantize.json").read_text())
     assert {(c["method"], c["reduce_range"]) for c in quant["candidates"]} == {
         (meth, rr) for meth in ("MinMax", "Entropy", "Percentile") for rr in (False, True)}
-    assert json.loads((work / "export.json").read_text())["passed"]
+    assert json.loads((work / "qat" / "export.json").read_text())["passed"]
+    assert m["training"]["config"]["qat"] is True  # exported from the quantization-aware fine-tune
+    assert (work / "best.pt").exists() and (work / "qat" / "best.pt").exists()
     report = (out / "report.md").read_text()
     assert "FP32 vs INT8" in report and "Confusion matrix" in report and "not a diagnostic device" in report
 
