@@ -59,19 +59,33 @@ def float_pass(model: nn.Module) -> Iterator[None]:
 
 
 class ActQuant(nn.Module):
-    """uint8 fake-quantizer with a MinMax range measured by `calibrate`."""
+    """uint8 fake-quantizer with a range measured by `calibrate`.
 
-    def __init__(self, state: QatState) -> None:
+    `percentile=None`: ORT's MinMax rule. A percentile clips the rare extreme
+    values instead, for a finer step on everything else; the range is then
+    handed to ORT as a TensorQuantOverride (see `onnx_ranges`), since ORT's
+    own calibration would measure another one.
+    """
+
+    SAMPLES_PER_BATCH = 65536
+
+    def __init__(self, state: QatState, percentile: float | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.state = state
+        self.state, self.percentile, self.seed = state, percentile, seed
         self.register_buffer("lo", torch.zeros(()), persistent=False)
         self.register_buffer("hi", torch.zeros(()), persistent=False)
         self.observing = False
+        self.samples: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.lo = torch.minimum(self.lo, x.detach().min())
-            self.hi = torch.maximum(self.hi, x.detach().max())
+            v = x.detach().reshape(-1)
+            self.lo = torch.minimum(self.lo, v.min())
+            self.hi = torch.maximum(self.hi, v.max())
+            if self.percentile is not None:
+                g = torch.Generator().manual_seed(self.seed * 1000 + len(self.samples))
+                k = min(len(v), self.SAMPLES_PER_BATCH)
+                self.samples.append(v[torch.randperm(len(v), generator=g)[:k]].float())
             return x
         lo, hi = float(self.lo), float(self.hi)
         if hi <= lo or not self.state.acts:
@@ -98,8 +112,13 @@ def _convs_in_order(model: EfficientNetLite0) -> list[tuple[nn.Conv2d, str, nn.M
     return [(c, f"{name}|{attr}", owner) for c, name, owner, attr in points]
 
 
-def prepare(model: EfficientNetLite0, fp32_first_convs: int) -> list[str]:
-    """Make `model` round like the INT8 graph; return the names of the rounded convolutions."""
+def prepare(model: EfficientNetLite0, fp32_first_convs: int, residual_percentile: float | None = None) -> list[str]:
+    """Make `model` round like the INT8 graph; return the names of the rounded convolutions.
+
+    `residual_percentile` clips the residual stream (project-conv and Add
+    outputs): its per-tensor range is set by a few outlier values, and the
+    resulting coarse step is what made post-training INT8 fail the gate.
+    """
     state = QatState()
     model._qat = state  # plain attribute: not a parameter, not in the state dict
     convs = _convs_in_order(model)
@@ -109,13 +128,13 @@ def prepare(model: EfficientNetLite0, fp32_first_convs: int) -> list[str]:
         name, attr = tag.split("|")
         # ORT puts a Q/DQ pair on a tensor when its producer or its consumer is quantized.
         if rounded[i] or (i + 1 < len(convs) and rounded[i + 1]):
-            setattr(owner, attr, ActQuant(state))
+            setattr(owner, attr, ActQuant(state, residual_percentile if attr == "q_project" else None, i))
         if rounded[i]:
             names.append(name)
             _round_weights(conv, state)
-    for b in model._blocks:
+    for i, b in enumerate(model._blocks):
         if b.skip:
-            b.q_add = ActQuant(state)
+            b.q_add = ActQuant(state, residual_percentile, 1000 + i)
     model.eval()
     return names
 
@@ -140,7 +159,7 @@ def calibrate(model: EfficientNetLite0, x: torch.Tensor, batch: int = 32) -> Non
     model.eval()
     model._qat.weights = False
     for m in points:
-        m.lo.zero_(); m.hi.zero_(); m.observing = True
+        m.lo.zero_(); m.hi.zero_(); m.observing = True; m.samples = []
     try:
         for i in range(0, len(x), batch):
             model(x[i:i + batch])
@@ -148,4 +167,22 @@ def calibrate(model: EfficientNetLite0, x: torch.Tensor, batch: int = 32) -> Non
         for m in points:
             m.observing = False
         model._qat.weights = True
+    for m in points:
+        if m.percentile is not None and m.samples:
+            v = torch.cat(m.samples)
+            q = torch.quantile(v, torch.tensor([(100 - m.percentile) / 100, m.percentile / 100]))
+            m.lo.fill_(min(float(q[0]), 0.0)); m.hi.fill_(max(float(q[1]), 0.0))
+        m.samples = []
     model.train(was_training)
+
+
+def onnx_ranges(model: EfficientNetLite0) -> dict[str, list[float]]:
+    """Clipped (percentile) ranges by the name the exported graph gives the tensor, for ORT's
+    TensorQuantOverrides. The quantize stage refuses names the graph does not have."""
+    out = {}
+    for i, b in enumerate(model._blocks):
+        for attr, tensor in (("q_project", "_project_conv/Conv_output_0"), ("q_add", "Add_output_0")):
+            m = getattr(b, attr)
+            if isinstance(m, ActQuant) and m.percentile is not None:
+                out[f"/_blocks.{i}/{tensor}"] = [float(m.lo), float(m.hi)]
+    return out

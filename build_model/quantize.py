@@ -82,7 +82,10 @@ class Candidate:
         return tag + (f"-fp32x{len(self.exclude)}" if self.exclude else "")
 
 
-def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate) -> Path:
+def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate,
+             ranges: dict[str, list[float]] | None = None) -> Path:
+    """`ranges`: tensor -> [rmin, rmax] that quantization-aware training clipped to and trained with;
+    they override what calibration measures for those tensors."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     import onnx
@@ -100,6 +103,14 @@ def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate) -> Path:
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if cand.method == "Percentile":
         extra["CalibPercentile"] = 99.999
+    if ranges:
+        graph_tensors = {o for n in nodes for o in n.output}
+        missing = sorted(set(ranges) - graph_tensors)
+        if missing:
+            raise RuntimeError(f"QAT ranges name tensors the ONNX graph does not have ({missing[:3]}...): "
+                               "build_model/qat.py onnx_ranges and the exporter disagree on names")
+        extra["TensorQuantOverrides"] = {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for k, (lo, hi) in ranges.items()}
     quantize_static(str(prep), str(out), ArrayReader(calib), quant_format=QuantFormat.QDQ,
                     per_channel=True, reduce_range=cand.reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

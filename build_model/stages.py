@@ -74,7 +74,13 @@ def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: lis
 
 def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = CALIB_SIZE, seed: int = 0,
                    methods: tuple[str, ...] = METHODS) -> dict:
-    pre, _ = checkpoint_pre(work)
+    pre, ck = checkpoint_pre(work)
+    ranges = ck.get("qat_ranges") or None
+    if ck["config"].get("qat"):
+        # Trained for ORT's MinMax at full range (and these clipped ranges): other recipes are off-target.
+        methods, reduce_ranges = ("MinMax",), (False,)
+    else:
+        reduce_ranges = (False, True)
     prep = preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")
     calib = tensors(ds, calibration_indices(ds.y, split, calib_size, seed), pre)
     va = np.flatnonzero(split == "val")
@@ -85,10 +91,10 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
     cand_dir.mkdir(exist_ok=True)
     rows = []
     for method in methods:
-        for rr in (False, True):
+        for rr in reduce_ranges:
             c = Candidate(method, rr)
             t0 = time.time()
-            path = quantize(prep, cand_dir / f"{c.name}.onnx", calib, c)
+            path = quantize(prep, cand_dir / f"{c.name}.onnx", calib, c, ranges)
             logits = run_onnx(session(path), xv)
             np.save(cand_dir / f"{c.name}.val.npy", logits)
             row = {"name": c.name, "method": method, "reduce_range": rr, "seconds": time.time() - t0,
@@ -101,7 +107,7 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
     rows.sort(key=lambda r: (round(r["agreement"], 3), r["balanced_accuracy"]), reverse=True)
     chosen = rows[0]["name"]
     shutil.copyfile(cand_dir / f"{chosen}.onnx", work / "model.int8.onnx")
-    result = {"candidates": rows, "chosen": chosen, "calibration_images": int(len(calib)),
+    result = {"candidates": rows, "chosen": chosen, "calibration_images": int(len(calib)), "qat_ranges": ranges or {},
               "fp32_val_balanced_accuracy": fp["balanced_accuracy"], "seed": seed}
     _write(work / "quantize.json", result)
     log(f"quantize: chose {chosen}")
@@ -152,7 +158,8 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
             if approved:
                 break
             c = Candidate(best["method"], best["reduce_range"], exclude)
-            path = quantize(work / "model.fp32.prep.onnx", work / "candidates" / f"{c.name}.onnx", calib, c)
+            path = quantize(work / "model.fp32.prep.onnx", work / "candidates" / f"{c.name}.onnx", calib, c,
+                            quant.get("qat_ranges"))
             ok, w, cm, q = judge(c.name, path)
             if ok:
                 approved, why, cmp, q_test, int8_name = ok, w, cm, q, c.name

@@ -45,6 +45,8 @@ class TrainConfig:
     max_source_side: int = 320    # images are cached in RAM at most this short side
     init_from: str = ""           # start from this checkpoint's weights instead of ImageNet (fine-tune stage)
     qat: bool = False             # quantization-aware fine-tune (needs init_from): round like the INT8 model does
+    qat_percentile: float = 99.99  # QAT: clip the residual stream's range at this percentile (100: MinMax)
+    qat_consistency: float = 3.0   # QAT: weight of KL(float output || rounded output) in the loss
 
 
 # Settings that do not change the training trajectory: a resume may change them.
@@ -114,10 +116,10 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     if cfg.qat:
         if not cfg.init_from:
             raise SystemExit("--qat fine-tunes a trained model for INT8; give --init-from <workdir>/best.pt of a float run")
-        from .qat import calibrate, float_pass, prepare
+        from .qat import calibrate, float_pass, onnx_ranges, prepare
         from .quantize import CALIB_SIZE, FP32_FIRST_CONVS, calibration_indices
 
-        rounded = prepare(model, FP32_FIRST_CONVS)
+        rounded = prepare(model, FP32_FIRST_CONVS, cfg.qat_percentile if cfg.qat_percentile < 100 else None)
         pos = {int(g): i for i, g in enumerate(tr)}
         cal = calibration_indices(ds.y, split, CALIB_SIZE, cfg.seed)
         cal_x = torch.from_numpy(np.stack([preprocess(tr_imgs[pos[int(g)]], pre) for g in cal]))
@@ -171,7 +173,7 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             if cfg.qat:
                 with torch.no_grad(), float_pass(model):
                     target = F.softmax(model(x), 1)
-                loss = loss + F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+                loss = loss + cfg.qat_consistency * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -182,6 +184,8 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             if state["step"] % cfg.ckpt_every == 0:
                 checkpoint()
         bar.close()
+        if cal_x is not None:  # the ranges that go with these weights (and into best.pt)
+            calibrate(model, cal_x.contiguous(memory_format=torch.channels_last))
         val_logits = predict_logits(model, va_imgs, pre)
         val = summarize(yva, softmax(val_logits), ds.labels)
         if cfg.qat:  # the gate's measure, simulated: rounded vs float top-1 on val
@@ -198,7 +202,8 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         if score > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
             save_atomic({"model": model.state_dict(), "config": asdict(cfg), "labels": ds.labels,
-                         "preprocessing": pre.to_dict(), "epoch": epoch + 1, "val": val}, workdir / "best.pt")
+                         "preprocessing": pre.to_dict(), "epoch": epoch + 1, "val": val,
+                         "qat_ranges": onnx_ranges(model) if cfg.qat else {}}, workdir / "best.pt")
         else:
             state["bad_epochs"] += 1
         checkpoint()

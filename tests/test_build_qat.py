@@ -14,7 +14,7 @@ import torch
 
 from build_model.export import export_onnx
 from build_model.model import build_model
-from build_model.qat import ActQuant, calibrate, float_pass, prepare
+from build_model.qat import ActQuant, calibrate, float_pass, onnx_ranges, prepare
 from build_model.quantize import FP32_FIRST_CONVS, Candidate, preprocess_model, quantize
 from tests.build_fixtures import lesion_image
 
@@ -36,12 +36,12 @@ def models(tmp_path_factory: pytest.TempPathFactory):
     float_model = build_model(7, SIZE).eval()
     export_onnx(float_model, SIZE, tmp / "fp32.onnx")
     calib = images(32, 1)
-    prep = preprocess_model(tmp / "fp32.onnx", tmp / "fp32.prep.onnx")
-    int8 = quantize(prep, tmp / "int8.onnx", calib, Candidate("MinMax", False))
     sim = build_model(7, SIZE, pretrained=False)
     sim.load_state_dict(float_model.state_dict())
-    prepare(sim, FP32_FIRST_CONVS)
+    prepare(sim, FP32_FIRST_CONVS, residual_percentile=99.9)
     calibrate(sim, torch.from_numpy(calib))
+    prep = preprocess_model(tmp / "fp32.onnx", tmp / "fp32.prep.onnx")
+    int8 = quantize(prep, tmp / "int8.onnx", calib, Candidate("MinMax", False), onnx_ranges(sim))
     return float_model, sim, tmp / "fp32.onnx", int8
 
 
@@ -107,3 +107,28 @@ def test_float_pass_is_the_float_model(models) -> None:
     x = torch.from_numpy(images(8, 3))
     with torch.no_grad(), float_pass(sim):
         np.testing.assert_allclose(sim(x).numpy(), float_model(x).numpy(), atol=1e-5)
+
+
+def test_clipped_residual_ranges_reach_the_int8_model(models) -> None:
+    """The percentile ranges QAT trains with are the ones ORT uses (a TensorQuantOverride), not ORT's
+    own MinMax measurement."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, sim, _, int8 = models
+    ranges = onnx_ranges(sim)
+    assert len(ranges) == 16 + 9  # every project conv after the FP32 ones, every residual Add
+    g = onnx.load(str(int8)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    scale = {n.input[0]: float(consts[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear"}
+    for name, (lo, hi) in ranges.items():
+        assert scale[name] == pytest.approx((hi - lo) / 255, rel=1e-5)
+    clipped = [m for m in sim.modules() if isinstance(m, ActQuant) and m.percentile is not None]
+    assert len(clipped) == len(ranges)
+
+
+def test_wrong_tensor_names_are_refused(models, tmp_path: Path) -> None:
+    _, _, fp32, _ = models
+    prep = preprocess_model(fp32, tmp_path / "p.onnx")
+    with pytest.raises(RuntimeError, match="does not have"):
+        quantize(prep, tmp_path / "q.onnx", images(16, 4), Candidate("MinMax", False), {"/no/such": [-1.0, 1.0]})
