@@ -45,8 +45,8 @@ class TrainConfig:
     max_source_side: int = 320    # images are cached in RAM at most this short side
     init_from: str = ""           # start from this checkpoint's weights instead of ImageNet (fine-tune stage)
     qat: bool = False             # quantization-aware fine-tune (needs init_from): round like the INT8 model does
-    qat_percentile: float = 99.99  # QAT: clip the residual stream's range at this percentile (100: MinMax)
-    qat_consistency: float = 3.0   # QAT: weight of KL(float output || rounded output) in the loss
+    qat_percentile: float = 100.0  # QAT: clip the residual stream's range at this percentile (100: ORT's MinMax)
+    qat_consistency: float = 1.0   # QAT: weight of KL(float output || rounded output) in the loss
 
 
 # Settings that do not change the training trajectory: a resume may change them.
