@@ -47,6 +47,7 @@ class TrainConfig:
     qat: bool = False             # quantization-aware fine-tune (needs init_from): round like the INT8 model does
     qat_percentile: float = 100.0  # QAT: clip the residual stream's range at this percentile (100: ORT's MinMax)
     qat_consistency: float = 1.0   # QAT: weight of KL(float output || rounded output) in the loss
+    qat_margin: float = 0.0        # QAT: hinge on the rounded logits: the float model's top class ahead by this much
 
 
 # Settings that do not change the training trajectory: a resume may change them.
@@ -172,8 +173,13 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             loss = F.cross_entropy(logits, y, weight=loss_w, label_smoothing=cfg.label_smoothing)
             if cfg.qat:
                 with torch.no_grad(), float_pass(model):
-                    target = F.softmax(model(x), 1)
-                loss = loss + cfg.qat_consistency * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+                    float_logits = model(x)
+                loss = loss + cfg.qat_consistency * F.kl_div(F.log_softmax(logits, 1), F.softmax(float_logits, 1),
+                                                             reduction="batchmean")
+                if cfg.qat_margin > 0:  # the gate counts top-1 flips: keep the float decision ahead after rounding
+                    top = float_logits.argmax(1, keepdim=True)
+                    rival = logits.scatter(1, top, float("-inf")).amax(1)
+                    loss = loss + F.relu(cfg.qat_margin - (logits.gather(1, top).squeeze(1) - rival)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
