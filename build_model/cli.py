@@ -149,8 +149,8 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 @click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
 @click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True)
 @click.option("--qat-epochs", type=int, default=0, show_default=True,
-              help="after training, this many epochs of quantization-aware fine-tuning (in <workdir>/qat) so that "
-                   "the INT8 model can pass the gate; 0 skips it")
+              help="after training, this many epochs of quantization-aware fine-tuning (in <workdir>/qat), aimed "
+                   "at INT8/FP32 agreement; exported instead of the float model; 0 skips it")
 @click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
 @click.pass_context
 def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
