@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -86,6 +87,14 @@ def write_images(dest: Path, datas: Iterable[bytes], prefix: str = "img", ext: s
         (dest / name).write_bytes(data)
         out[name] = sha(data)
     return out
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The same JPEG with an APP1 EXIF segment carrying only the Orientation tag."""
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation) \
+        + struct.pack("<I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
 
 
 def sha(data: bytes) -> str:

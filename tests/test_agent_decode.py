@@ -12,6 +12,7 @@ import pytest
 from edge_agent.decode import (QualityLimits, Rejected, decode_image, decode_pixels, measure_quality, read_header,
                                reduction_for)
 from edge_agent.preprocess import Preprocessing
+from faults import with_exif_orientation
 
 PRE = Preprocessing(input_size=32)
 LIMITS = QualityLimits()
@@ -114,16 +115,9 @@ def test_corrupt_pixel_data_is_rejected_not_crashing(sample: np.ndarray) -> None
     assert r.code == "decode_failed"
 
 
-def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation) \
-        + struct.pack("<I", 0)
-    app1 = b"Exif\x00\x00" + tiff
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
-
-
 def test_exif_orientation_is_honoured(sample: np.ndarray) -> None:
     landscape = cv2.resize(sample, (200, 100))
-    data = _with_exif_orientation(encode(landscape, ".jpg"), 6)  # camera held upright: rotate 90 degrees
+    data = with_exif_orientation(encode(landscape, ".jpg"), 6)  # camera held upright: rotate 90 degrees
     h = read_header(data)
     assert (h.width, h.height) == (200, 100)  # stored pixels
     img = decode_pixels(data, h, 1)

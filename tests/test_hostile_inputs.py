@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from faults import (AgentProc, NOBODY, agent_env, example_pixels, give_to_nobody, inbox_files, integrity,
+from faults import (AgentProc, NOBODY, with_exif_orientation, agent_env, example_pixels, give_to_nobody, inbox_files, integrity,
                     outcome_rows, read_audit, sha, sha_file, unprivileged_prefix, wait_for)
 
 # --- generating the corpus ----------------------------------------------------------------------
@@ -68,13 +68,6 @@ class Images:
 
     def png(self) -> bytes:
         return _enc(self.pixels(), ".png")
-
-
-def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation) \
-        + struct.pack("<I", 0)
-    app1 = b"Exif\x00\x00" + tiff
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
 
 
 def cmyk_jpeg(bgr: np.ndarray) -> bytes:
