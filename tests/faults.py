@@ -325,10 +325,11 @@ def unprivileged_prefix() -> list[str] | None:
 
 @functools.lru_cache(maxsize=None)
 def _nobody_can_run_agent(prefix: tuple[str, ...]) -> bool:
-    """The unprivileged user must be able to import the agent's dependencies from this interpreter
-    (a virtualenv inside a 0700 folder, such as one under `mktemp -d`, is invisible to it)."""
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import click, onnxruntime, cv2, watchdog, sqlite_utils"],
-                           capture_output=True, timeout=60, cwd="/")
+    """The unprivileged user must be able to import the agent's dependencies from this interpreter and
+    read this checkout (a virtualenv or a clone inside a 0700 folder, such as one under `mktemp -d`, is
+    invisible to it)."""
+    code = f"import click, onnxruntime, cv2, watchdog, sqlite_utils; open({str(Path(__file__).resolve())!r}).close()"
+    probe = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, timeout=60, cwd="/")
     return probe.returncode == 0
 
 
