@@ -16,7 +16,7 @@ import click
 
 from edge_agent.preprocess import Preprocessing
 
-from .quantize import CALIB_SIZE
+from .quantize import ADAROUND_ITERS, CALIB_SIZE
 from .train import TrainConfig
 
 
@@ -111,15 +111,22 @@ def export(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
     run(ds, split, work, _log)
 
 
+adaround_option = click.option(
+    "--adaround-iters", type=int, default=ADAROUND_ITERS, show_default=True,
+    help="optimisation steps per convolution for the AdaRound candidate (weights rounded up or down to match the "
+         "float network's outputs; about 20 min at 192 px on 2 cores); 0 skips it")
+
+
 @main.command()
 @with_options(common_train)
 @click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True, help="calibration images (training split, stratified)")
-def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size: int) -> None:
-    """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range on the validation split."""
+@adaround_option
+def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size: int, adaround_iters: int) -> None:
+    """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range, and AdaRound, on the validation split."""
     from .stages import quantize_stage
 
     ds, split, work = _stage_args(data, out, workdir, seed)
-    quantize_stage(ds, split, work, _log, calib_size, seed)
+    quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
 
 
 @main.command()
@@ -152,9 +159,10 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
               help="after training, this many epochs of quantization-aware fine-tuning (in <workdir>/qat), aimed "
                    "at INT8/FP32 agreement; exported instead of the float model; 0 skips it")
 @click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
+@adaround_option
 @click.pass_context
 def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
-        calib_size: int, qat_epochs: int, qat_lr: float, **kw) -> None:
+        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
@@ -177,7 +185,7 @@ def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: i
         _log(f"quantization-aware fine-tuning: {qat_epochs} epochs from {best}")
         run_train(ds, split, work, qcfg, pre, resume=not no_resume, log=_log)
     stages.export(ds, split, work, _log)
-    stages.quantize_stage(ds, split, work, _log, calib_size, seed)
+    stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
     stages.validate(ds, split, work, _log, seed)
     stages.bundle(ds, split, work, out, _command_line(), _log)
     _verify_or_exit(out)

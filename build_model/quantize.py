@@ -22,6 +22,8 @@ from .export import INPUT, OUTPUT
 METHODS = ("MinMax", "Entropy", "Percentile")
 FP32_FIRST_CONVS = 3
 CALIB_SIZE = 256  # calibration images (QAT measures its ranges on the same ones)
+ADAROUND_ITERS = 800    # per convolution; about 20 min for the 192 px model on 2 cores
+ADAROUND_IMAGES = 384   # AdaRound fits on the calibration images plus more from the training split
 
 
 class ArrayReader:
@@ -75,11 +77,16 @@ class Candidate:
     method: str
     reduce_range: bool
     exclude: tuple[str, ...] = ()
+    adaround: bool = False  # quantizes the AdaRound model (build_model/adaround.py), not the exported one
 
     @property
     def name(self) -> str:
-        tag = f"{self.method.lower()}-rr{int(self.reduce_range)}"
+        tag = f"{self.method.lower()}-rr{int(self.reduce_range)}" + ("-ada" if self.adaround else "")
         return tag + (f"-fp32x{len(self.exclude)}" if self.exclude else "")
+
+    def source(self, work: Path) -> Path:
+        """The pre-processed float model this candidate quantizes."""
+        return work / ("model.adaround.prep.onnx" if self.adaround else "model.fp32.prep.onnx")
 
 
 def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate,

@@ -61,6 +61,10 @@ def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thre
            _table(["candidate", "val balanced acc", "val agreement", "val mel sens", "calib s"],
                   [[c["name"], _pct(c["balanced_accuracy"]), _pct(c["agreement"]), _pct(c.get("mel_sensitivity")),
                     f"{c.get('seconds', 0):.0f}"] for c in quant.get("candidates", [])]), "",
+           *([f"`-ada` candidates quantize a copy whose weights were first rounded by AdaRound ({ada['iters']} steps per "
+              f"convolution on {ada['images']} training-split images, {ada['seconds'] / 60:.0f} min): each convolution's "
+              "up/down rounding was fitted to reproduce the float network's outputs from the quantized network's inputs; "
+              "the FP32 model it is compared with is the original.", ""] if (ada := quant.get("adaround")) else []),
            f"Chosen: `{quant.get('chosen')}`. Fallbacks tried at the gate: {', '.join(gate.get('tried', [])) or 'none needed'}.",
            f"FP32 reference (val): balanced accuracy {_pct(quant.get('fp32_val_balanced_accuracy'))}.", "",
            "## Export checks", "",

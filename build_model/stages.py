@@ -2,7 +2,7 @@
 
     train -> best.pt
     export -> model.fp32.onnx, export.json
-    quantize -> model.fp32.prep.onnx, candidates/*.onnx, quantize.json, model.int8.onnx
+    quantize -> model.fp32.prep.onnx, [model.adaround*.onnx,] candidates/*.onnx, quantize.json, model.int8.onnx
     validate -> validate.json (gate verdict, fallbacks, temperature, thresholds)
     bundle -> the bundle folder (manifest.json written last)
 """
@@ -23,7 +23,7 @@ from .calibrate import apply_thresholds, calibration_report, choose_thresholds, 
 from .data import Dataset
 from .export import export_onnx, load_checkpoint, parity, run_onnx, session
 from .metrics import ece, softmax, summarize
-from .quantize import CALIB_SIZE, Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
+from .quantize import ADAROUND_IMAGES, ADAROUND_ITERS, CALIB_SIZE, FP32_FIRST_CONVS, Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
 
 Log = Callable[[str], None]
 HIGH_RISK = ["mel", "bcc", "akiec"]
@@ -73,7 +73,8 @@ def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: lis
 
 
 def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = CALIB_SIZE, seed: int = 0,
-                   methods: tuple[str, ...] = METHODS) -> dict:
+                   methods: tuple[str, ...] = METHODS, adaround_iters: int = ADAROUND_ITERS,
+                   adaround_images: int = ADAROUND_IMAGES) -> dict:
     pre, ck = checkpoint_pre(work)
     ranges = ck.get("qat_ranges") or None
     if ck["config"].get("qat"):
@@ -81,7 +82,7 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
         methods, reduce_ranges = ("MinMax",), (False,)
     else:
         reduce_ranges = (False, True)
-    prep = preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")
+    preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")
     calib = tensors(ds, calibration_indices(ds.y, split, calib_size, seed), pre)
     va = np.flatnonzero(split == "val")
     xv, yv = tensors(ds, va, pre), ds.y[va]
@@ -89,29 +90,54 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
     np.save(work / "logits.fp32.val.npy", ref)
     cand_dir = work / "candidates"
     cand_dir.mkdir(exist_ok=True)
-    rows = []
-    for method in methods:
-        for rr in reduce_ranges:
-            c = Candidate(method, rr)
-            t0 = time.time()
-            path = quantize(prep, cand_dir / f"{c.name}.onnx", calib, c, ranges)
-            logits = run_onnx(session(path), xv)
-            np.save(cand_dir / f"{c.name}.val.npy", logits)
-            row = {"name": c.name, "method": method, "reduce_range": rr, "seconds": time.time() - t0,
-                   **_val_metrics(logits, ref, yv, ds.labels)}
-            rows.append(row)
-            log(f"quantize {c.name}: val bal-acc {row['balanced_accuracy']:.4f} agreement {row['agreement']:.4f} "
-                f"mel-sens {row['mel_sensitivity']:.4f} ({row['seconds']:.0f}s)")
+
+    def evaluate(c: Candidate, t0: float) -> dict:
+        path = quantize(c.source(work), cand_dir / f"{c.name}.onnx", calib, c, ranges)
+        logits = run_onnx(session(path), xv)
+        np.save(cand_dir / f"{c.name}.val.npy", logits)
+        row = {"name": c.name, "method": c.method, "reduce_range": c.reduce_range, "adaround": c.adaround,
+               "seconds": time.time() - t0, **_val_metrics(logits, ref, yv, ds.labels)}
+        log(f"quantize {c.name}: val bal-acc {row['balanced_accuracy']:.4f} agreement {row['agreement']:.4f} "
+            f"mel-sens {row['mel_sensitivity']:.4f} ({row['seconds']:.0f}s)")
+        return row
+
+    rows = [evaluate(Candidate(method, rr), time.time()) for method in methods for rr in reduce_ranges]
+    ada = None
+    if adaround_iters > 0 and ranges:
+        log("quantize: AdaRound skipped: this QAT model clips its ranges, which the rounding simulation does not model")
+    elif adaround_iters > 0:
+        t0 = time.time()
+        ada = _adaround(ds, split, work, log, pre, calib, adaround_iters, adaround_images, seed)
+        rows.append(evaluate(Candidate("MinMax", False, adaround=True), t0))
     fp = _val_metrics(ref, ref, yv, ds.labels)
     # Rank by agreement with FP32, then by balanced accuracy: the gate asks "as good as FP32", not "lucky on val".
     rows.sort(key=lambda r: (round(r["agreement"], 3), r["balanced_accuracy"]), reverse=True)
     chosen = rows[0]["name"]
     shutil.copyfile(cand_dir / f"{chosen}.onnx", work / "model.int8.onnx")
     result = {"candidates": rows, "chosen": chosen, "calibration_images": int(len(calib)), "qat_ranges": ranges or {},
-              "fp32_val_balanced_accuracy": fp["balanced_accuracy"], "seed": seed}
+              "fp32_val_balanced_accuracy": fp["balanced_accuracy"], "seed": seed, "adaround": ada}
     _write(work / "quantize.json", result)
     log(f"quantize: chose {chosen}")
     return result
+
+
+def _adaround(ds: Dataset, split: np.ndarray, work: Path, log: Log, pre: Preprocessing, calib: np.ndarray,
+              iters: int, images: int, seed: int) -> dict:
+    """Fit the weights' rounding (build_model/adaround.py) and export that model for quantization."""
+    import torch
+
+    from .adaround import AdaRoundConfig, adaround
+
+    model, _ = load_checkpoint(work / "best.pt")
+    more = tensors(ds, calibration_indices(ds.y, split, max(0, images - len(calib)), seed + 1), pre)
+    fit = torch.from_numpy(np.concatenate([calib, more])[:images])
+    t0 = time.time()
+    state, layers = adaround(model, FP32_FIRST_CONVS, torch.from_numpy(calib), fit,
+                             AdaRoundConfig(iters=iters, seed=seed), log)
+    model.load_state_dict(state)
+    export_onnx(model, pre.input_size, work / "model.adaround.onnx")
+    preprocess_model(work / "model.adaround.onnx", work / "model.adaround.prep.onnx")
+    return {"iters": iters, "images": int(len(fit)), "seconds": round(time.time() - t0, 1), "layers": layers}
 
 
 def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0) -> dict:
@@ -150,15 +176,16 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     if not approved:
         best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
         calib = tensors(ds, calibration_indices(ds.y, split, quant["calibration_images"], seed), pre)
-        convs = conv_names(work / "model.fp32.prep.onnx")
-        ranked = sensitive_nodes(work / "model.fp32.prep.onnx", work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
+        source = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False)).source(work)
+        convs = conv_names(source)
+        ranked = sensitive_nodes(source, work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
         plans = [tuple(convs[:k]) for k in (6, 9, 12)]
         plans += [tuple(sorted(set(convs[:9]) | {n for g in ranked[:k] for n in g})) for k in (4, 8, 16)]
         for exclude in plans:
             if approved:
                 break
-            c = Candidate(best["method"], best["reduce_range"], exclude)
-            path = quantize(work / "model.fp32.prep.onnx", work / "candidates" / f"{c.name}.onnx", calib, c,
+            c = Candidate(best["method"], best["reduce_range"], exclude, best.get("adaround", False))
+            path = quantize(c.source(work), work / "candidates" / f"{c.name}.onnx", calib, c,
                             quant.get("qat_ranges"))
             ok, w, cm, q = judge(c.name, path)
             if ok:

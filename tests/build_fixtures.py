@@ -23,6 +23,14 @@ def lesion_image(k: int, rng: np.random.Generator, size: tuple[int, int] = (80, 
     return img
 
 
+def model_inputs(n: int, seed: int, size: int) -> np.ndarray:
+    """n lesion-like pictures as a float32 NCHW batch, normalised like the model's input."""
+    rng = np.random.default_rng(seed)
+    out = [np.asarray(lesion_image(i % 7, rng, (size, size)), np.float32)[..., ::-1].transpose(2, 0, 1)
+           for i in range(n)]
+    return ((np.stack(out) - 127.0) / 128.0).astype(np.float32)
+
+
 def make_ham(root: Path, lesions_per_class: int = 4, images_per_lesion: int = 2, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)

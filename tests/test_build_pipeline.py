@@ -47,7 +47,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("build")
     data = make_ham(root / "ham", lesions_per_class=5, images_per_lesion=2)
     out = root / "bundle"
-    r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14", *TINY)
+    r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14",
+            "--adaround-iters", "10", *TINY)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, root / "bundle.work"
 
@@ -64,8 +65,10 @@ def test_all_writes_a_bundle_the_agent_accepts(built: tuple[Path, Path]) -> None
     assert "test_sensitivity" in m["thresholds"]["malignant"]
     assert "CC BY-NC 4.0" in m["license"] and "Tschandl" in m["citation"]
     quant = json.loads((work / "quantize.json").read_text())
-    assert {(c["method"], c["reduce_range"]) for c in quant["candidates"]} == {
-        (meth, rr) for meth in ("MinMax", "Entropy", "Percentile") for rr in (False, True)}
+    assert {(c["method"], c["reduce_range"], c["adaround"]) for c in quant["candidates"]} == {
+        (meth, rr, False) for meth in ("MinMax", "Entropy", "Percentile") for rr in (False, True)} | {("MinMax", False, True)}
+    assert len(quant["adaround"]["layers"]) > 40 and quant["adaround"]["iters"] == 10
+    assert (work / "candidates" / "minmax-rr0-ada.onnx").exists()
     assert json.loads((work / "export.json").read_text())["passed"]
     report = (out / "report.md").read_text()
     assert "FP32 vs INT8" in report and "Confusion matrix" in report and "not a diagnostic device" in report
@@ -75,7 +78,7 @@ def test_qat_epochs_fine_tune_for_int8_and_export_that_model(tmp_path: Path) -> 
     data = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
     out, work = tmp_path / "bundle", tmp_path / "bundle.work"
     r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14", "--qat-epochs", "1",
-            *TINY)
+            "--adaround-iters", "0", *TINY)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "quantization-aware fine-tuning: 1 epochs" in r.stderr and "int8-sim agreement" in r.stderr
     m = verify_bundle(out).manifest
@@ -84,6 +87,7 @@ def test_qat_epochs_fine_tune_for_int8_and_export_that_model(tmp_path: Path) -> 
     # Trained for ORT's MinMax ranges: the other calibration recipes are not tried on a QAT model.
     quant = json.loads((work / "qat" / "quantize.json").read_text())
     assert [(c["method"], c["reduce_range"]) for c in quant["candidates"]] == [("MinMax", False)]
+    assert quant["adaround"] is None  # --adaround-iters 0 skips it
 
 
 def test_verify_command_accepts_then_rejects_a_tampered_bundle(built: tuple[Path, Path], tmp_path: Path) -> None:

@@ -16,17 +16,13 @@ from build_model.export import export_onnx
 from build_model.model import build_model
 from build_model.qat import ActQuant, calibrate, float_pass, onnx_ranges, prepare
 from build_model.quantize import FP32_FIRST_CONVS, Candidate, preprocess_model, quantize
-from tests.build_fixtures import lesion_image
+from tests.build_fixtures import model_inputs
 
 SIZE = 64
 
 
 def images(n: int, seed: int) -> np.ndarray:
-    """Lesion-like pictures, normalised like the model's input."""
-    rng = np.random.default_rng(seed)
-    out = [np.asarray(lesion_image(i % 7, rng, (SIZE, SIZE)), np.float32)[..., ::-1].transpose(2, 0, 1)
-           for i in range(n)]
-    return (np.stack(out) - 127.0) / 128.0
+    return model_inputs(n, seed, SIZE)
 
 
 @pytest.fixture(scope="module")
