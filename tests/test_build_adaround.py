@@ -100,4 +100,4 @@ def test_fitted_rounding_reproduces_float_outputs_better_than_nearest(rounded) -
                      model_inputs(24, 1, SIZE), Candidate("MinMax", False))
     err_ada = np.abs(run_onnx(session(int8), x) - f).mean()
     err_plain = np.abs(run_onnx(session(plain), x) - f).mean()
-    assert err_ada < 1.5 * err_plain  # not a regression, even on a random head (the real gain is measured in the build)
+    assert err_ada < 0.8 * err_plain  # measured: 0.029 vs 0.055 mean |logit error|
