@@ -33,7 +33,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .model import EfficientNetLite0
-from .qat import _convs_in_order, calibrate, prepare
+from .qat import ConvSite, calibrate, conv_sites, prepare
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
 
@@ -74,25 +74,14 @@ def _collect(model: nn.Module, module: nn.Module, what: str, x: torch.Tensor, ba
     return torch.cat(got)
 
 
-def _after(model: EfficientNetLite0) -> dict[int, tuple[nn.BatchNorm2d, bool]]:
-    """conv -> (the BatchNorm folded into it, whether ReLU6 follows)."""
-    out = {id(model._conv_stem): (model._bn0, True), id(model._conv_head): (model._bn1, True)}
-    for b in model._blocks:
-        if b.has_expand:
-            out[id(b._expand_conv)] = (b._bn0, True)
-        out[id(b._depthwise_conv)] = (b._bn1, True)
-        out[id(b._project_conv)] = (b._bn2, False)
-    return out
-
-
 def grid_scale(w: torch.Tensor) -> torch.Tensor:
     """ORT's per-channel symmetric int8 scale (max |w| / 127), shaped to broadcast over `w`."""
     return (w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True) / 127.0).clamp_min(1e-12)
 
 
-def _round_one(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, xq: torch.Tensor, target: torch.Tensor,
-               cfg: AdaRoundConfig, seed: int) -> dict:
+def _round_one(site: ConvSite, xq: torch.Tensor, target: torch.Tensor, cfg: AdaRoundConfig, seed: int) -> dict:
     """Learn this convolution's rounding; write the rounded weight and the bias shift into the model."""
+    conv, bn, relu = site.conv, site.bn, site.relu
     pads = getattr(conv, "pads", (0, 0, 0, 0))
     w = conv.weight.detach().clone()
     s = grid_scale(w)
@@ -161,21 +150,19 @@ def adaround(model: EfficientNetLite0, fp32_first_convs: int, calib: torch.Tenso
     sim = copy.deepcopy(model)
     rounded = set(prepare(sim, fp32_first_convs))
     calibrate(sim, calib)
-    after_sim, after_ref = _after(sim), _after(ref)
     rows = []
     t0 = time.time()
-    for k, ((conv, name, _, _), (rconv, _, _, _)) in enumerate(zip(_convs_in_order(sim), _convs_in_order(ref))):
-        if name not in rounded:
+    for k, (site, ref_site) in enumerate(zip(conv_sites(sim), conv_sites(ref))):
+        if site.name not in rounded:
             continue
-        bn, relu = after_sim[id(conv)]
-        xq = _collect(sim, conv, "input", images)                   # what the INT8 network feeds this layer
-        target = _collect(ref, after_ref[id(rconv)][0], "output", images)  # what the float network computes
-        if relu:
+        xq = _collect(sim, site.conv, "input", images)        # what the INT8 network feeds this layer
+        target = _collect(ref, ref_site.bn, "output", images)  # what the float network computes
+        if site.relu:
             target = F.relu6(target)
-        row = {"conv": name, **_round_one(conv, bn, relu, xq, target, cfg, cfg.seed * 1000 + k),
+        row = {"conv": site.name, **_round_one(site, xq, target, cfg, cfg.seed * 1000 + k),
                "seconds": round(time.time() - t0, 1)}
         rows.append(row)
-        log(f"adaround {name}: output MSE {row['nearest_mse']:.4g} -> {row['adaround_mse']:.4g} "
+        log(f"adaround {site.name}: output MSE {row['nearest_mse']:.4g} -> {row['adaround_mse']:.4g} "
             f"({100 * row['flipped']:.1f}% of weights rounded the other way, {row['seconds']:.0f}s)")
         del xq, target
     # Non-persistent quantizer buffers aside, the state dict is the plain model's.

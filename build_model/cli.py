@@ -114,7 +114,7 @@ def export(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 adaround_option = click.option(
     "--adaround-iters", type=int, default=ADAROUND_ITERS, show_default=True,
     help="optimisation steps per convolution for the AdaRound candidate (weights rounded up or down to match the "
-         "float network's outputs; about 20 min at 192 px on 2 cores); 0 skips it")
+         "float network's outputs; about 18 min at 192 px on 2 cores); 0 skips it")
 
 
 @main.command()

@@ -102,16 +102,26 @@ def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
 
 
-def _convs_in_order(model: EfficientNetLite0) -> list[tuple[nn.Conv2d, str, nn.Module, str]]:
-    """(conv, name, module holding its output's quant point, that point's attribute) in ONNX graph order."""
-    points: list[tuple[nn.Conv2d, str, nn.Module, str]] = [(model._conv_stem, "_conv_stem", model, "q_stem")]
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution in ONNX graph order, and what follows it."""
+    conv: nn.Conv2d
+    name: str
+    owner: nn.Module      # holds the quant point on the convolution's (activated) output...
+    attr: str             # ...under this attribute
+    bn: nn.BatchNorm2d    # folded into the convolution on export
+    relu: bool            # whether ReLU6 follows the BatchNorm
+
+
+def conv_sites(model: EfficientNetLite0) -> list[ConvSite]:
+    sites = [ConvSite(model._conv_stem, "_conv_stem", model, "q_stem", model._bn0, True)]
     for i, b in enumerate(model._blocks):
         if b.has_expand:
-            points.append((b._expand_conv, f"_blocks.{i}._expand_conv", b, "q_expand"))
-        points.append((b._depthwise_conv, f"_blocks.{i}._depthwise_conv", b, "q_depthwise"))
-        points.append((b._project_conv, f"_blocks.{i}._project_conv", b, "q_project"))
-    points.append((model._conv_head, "_conv_head", model, "q_head"))
-    return points
+            sites.append(ConvSite(b._expand_conv, f"_blocks.{i}._expand_conv", b, "q_expand", b._bn0, True))
+        sites.append(ConvSite(b._depthwise_conv, f"_blocks.{i}._depthwise_conv", b, "q_depthwise", b._bn1, True))
+        sites.append(ConvSite(b._project_conv, f"_blocks.{i}._project_conv", b, "q_project", b._bn2, False))
+    sites.append(ConvSite(model._conv_head, "_conv_head", model, "q_head", model._bn1, True))
+    return sites
 
 
 def prepare(model: EfficientNetLite0, fp32_first_convs: int, residual_percentile: float | None = None) -> list[str]:
@@ -124,16 +134,16 @@ def prepare(model: EfficientNetLite0, fp32_first_convs: int, residual_percentile
     """
     state = QatState()
     model._qat = state  # plain attribute: not a parameter, not in the state dict
-    convs = _convs_in_order(model)
+    convs = conv_sites(model)
     rounded = [i >= fp32_first_convs for i in range(len(convs))]
     names = []
-    for i, (conv, name, owner, attr) in enumerate(convs):
+    for i, site in enumerate(convs):
         # ORT puts a Q/DQ pair on a tensor when its producer or its consumer is quantized.
         if rounded[i] or (i + 1 < len(convs) and rounded[i + 1]):
-            setattr(owner, attr, ActQuant(state, residual_percentile if attr == "q_project" else None, i))
+            setattr(site.owner, site.attr, ActQuant(state, residual_percentile if site.attr == "q_project" else None, i))
         if rounded[i]:
-            names.append(name)
-            _round_weights(conv, state)
+            names.append(site.name)
+            _round_weights(site.conv, state)
     for i, b in enumerate(model._blocks):
         if b.skip:
             b.q_add = ActQuant(state, residual_percentile, 1000 + i)

@@ -22,7 +22,7 @@ from .export import INPUT, OUTPUT
 METHODS = ("MinMax", "Entropy", "Percentile")
 FP32_FIRST_CONVS = 3
 CALIB_SIZE = 256  # calibration images (QAT measures its ranges on the same ones)
-ADAROUND_ITERS = 800    # per convolution; about 20 min for the 192 px model on 2 cores
+ADAROUND_ITERS = 800    # per convolution; about 18 min for the 192 px model on 2 cores
 ADAROUND_IMAGES = 384   # AdaRound fits on the calibration images plus more from the training split
 
 

@@ -16,7 +16,7 @@ import torch
 from build_model.adaround import AdaRoundConfig, adaround, grid_scale
 from build_model.export import export_onnx, run_onnx, session
 from build_model.model import build_model
-from build_model.qat import _convs_in_order
+from build_model.qat import conv_sites
 from build_model.quantize import FP32_FIRST_CONVS, Candidate, preprocess_model, quantize
 from tests.build_fixtures import model_inputs
 
@@ -45,16 +45,17 @@ def rounded(tmp_path_factory: pytest.TempPathFactory):
 def test_leaves_the_input_model_alone_and_the_first_convolutions_float(rounded) -> None:
     model, before, ada, rows, *_ = rounded
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    convs = _convs_in_order(ada)
-    assert [r["conv"] for r in rows] == [name for _, name, _, _ in convs[FP32_FIRST_CONVS:]]
-    for conv, name, _, _ in convs[:FP32_FIRST_CONVS]:
-        assert torch.equal(conv.weight, before[name + ".weight"])
+    sites = conv_sites(ada)
+    assert [r["conv"] for r in rows] == [s.name for s in sites[FP32_FIRST_CONVS:]]
+    for s in sites[:FP32_FIRST_CONVS]:
+        assert torch.equal(s.conv.weight, before[s.name + ".weight"])
 
 
 def test_weights_sit_on_the_int8_grid_with_the_scale_ort_will_compute(rounded) -> None:
     model, _, ada, rows, *_ = rounded
-    for (conv, name, _, _), (orig, _, _, _) in list(zip(_convs_in_order(ada), _convs_in_order(model)))[FP32_FIRST_CONVS:]:
-        w = conv.weight.detach()
+    for site, orig_site in list(zip(conv_sites(ada), conv_sites(model)))[FP32_FIRST_CONVS:]:
+        name, orig = site.name, orig_site.conv
+        w = site.conv.weight.detach()
         s = grid_scale(w)
         assert torch.allclose(s, grid_scale(orig.weight.detach()), rtol=1e-6), name  # the largest weight kept
         steps = w / s
