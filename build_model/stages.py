@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -176,15 +177,15 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     if not approved:
         best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
         calib = tensors(ds, calibration_indices(ds.y, split, quant["calibration_images"], seed), pre)
-        source = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False)).source(work)
-        convs = conv_names(source)
-        ranked = sensitive_nodes(source, work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
+        base = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False))
+        convs = conv_names(base.source(work))
+        ranked = sensitive_nodes(base.source(work), work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
         plans = [tuple(convs[:k]) for k in (6, 9, 12)]
         plans += [tuple(sorted(set(convs[:9]) | {n for g in ranked[:k] for n in g})) for k in (4, 8, 16)]
         for exclude in plans:
             if approved:
                 break
-            c = Candidate(best["method"], best["reduce_range"], exclude, best.get("adaround", False))
+            c = replace(base, exclude=exclude)
             path = quantize(c.source(work), work / "candidates" / f"{c.name}.onnx", calib, c,
                             quant.get("qat_ranges"))
             ok, w, cm, q = judge(c.name, path)
