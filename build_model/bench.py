@@ -49,7 +49,8 @@ def worker(bundle: Path, engine: str, batch: int, iters: int, warmup: int, threa
         from .model import EfficientNetLite0
 
         torch.set_num_threads(threads)
-        model = EfficientNetLite0(len(manifest["labels"]), manifest["preprocessing"]["input_size"])
+        arch = manifest.get("training", {}).get("config", {}).get("arch", "lite0")
+        model = EfficientNetLite0(len(manifest["labels"]), manifest["preprocessing"]["input_size"], arch=arch)
         if checkpoint:
             model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
         model.eval()

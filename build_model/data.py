@@ -1,9 +1,16 @@
-"""Datasets in three layouts, and a lesion-grouped stratified split.
+"""Datasets in three layouts, several sources at once, and a lesion-grouped stratified split.
 
 Every layout becomes the same `Dataset`: image sources, integer labels, a
 group per image (the lesion), and the class names. Images of one lesion are
 near-duplicates, so a split by image would leak test lesions into training and
 inflate every number; splits here are always by group.
+
+Several sources (`--data ham=DIR --data isic2017=DIR`) merge into one Dataset
+that remembers each image's source and which classes each source labels at
+all: ISIC 2017 has no carcinomas, and the training loss and every evaluation
+must know that "not labelled here" is not "absent here". Each source is split
+on its own, so every source has its own validation and test images; a source
+named by `--holdout-source` is never trained on (split "holdout").
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # MedMNIST's DermaMNIST label order is HAM10000's dx codes in alphabetical order.
 DERMAMNIST_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 SPLITS = ("train", "val", "test")
+HOLDOUT = "holdout"
 
 
 @dataclass
@@ -32,12 +40,39 @@ class Dataset:
     source: str = ""
     layout: str = ""
     extra: dict = field(default_factory=dict)
+    source_of: list[str] = field(default_factory=list)            # source name per image
+    source_labels: dict[str, list[str]] = field(default_factory=dict)  # classes each source labels
+    source_info: dict[str, dict] = field(default_factory=dict)     # path, layout, label map per source
+
+    def __post_init__(self) -> None:
+        if not self.source_of:
+            name = source_name(self.source, self.layout)
+            self.source_of = [name] * len(self.ids)
+            present = sorted({self.labels[k] for k in self.y.tolist()}) if len(self.y) else []
+            self.source_labels = {name: [l for l in self.labels if l in present] or list(self.labels)}
+            self.source_info = {name: {"path": self.source, "layout": self.layout, "label_map": {}}}
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.source_labels)
+
+    def source_counts(self, idx: np.ndarray | None = None) -> dict[str, int]:
+        src = np.array(self.source_of) if idx is None else np.array(self.source_of)[idx]
+        return {name: int((src == name).sum()) for name in self.sources}
+
+    def label_mask(self) -> np.ndarray:
+        """Per image, which classes its source labels (n_images x n_classes, bool)."""
+        rows = {s: np.isin(self.labels, ls) for s, ls in self.source_labels.items()}
+        return np.stack([rows[s] for s in self.source_of]) if self.ids else np.zeros((0, len(self.labels)), bool)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def image(self, i: int, max_side: int | None = None) -> np.ndarray:
         """HxWx3 uint8 RGB."""
+        cached = self.extra.get("cache", {}).get(i)
+        if cached is not None and (not max_side or min(cached.shape[:2]) <= max_side):
+            return cached
         if self.paths[i] is None:
             im = self.arrays[i]
             if im.ndim == 2:
@@ -54,6 +89,112 @@ class Dataset:
     def class_counts(self, idx: np.ndarray | None = None) -> dict[str, int]:
         y = self.y if idx is None else self.y[idx]
         return {name: int((y == k).sum()) for k, name in enumerate(self.labels)}
+
+
+def source_name(path: str | Path, layout: str = "") -> str:
+    p = Path(str(path))
+    return "ham10000" if layout == "ham10000" and p.name.lower().startswith("ham") else p.stem or p.name
+
+
+def parse_source(spec: str | Path) -> tuple[str | None, Path]:
+    """`NAME=PATH` or a bare `PATH` (the source is then named after the folder)."""
+    text = str(spec)
+    if "=" in text and not Path(text).exists():
+        name, path = text.split("=", 1)
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"--data {text!r}: a source name must be letters, digits, '-' or '_' (NAME=PATH)")
+        return name, Path(path)
+    return None, Path(text)
+
+
+def parse_label_maps(specs: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """`--label-map isic2017:melanoma=mel,seborrheic_keratosis=bkl` (repeatable) -> {source: {from: to}}."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        if ":" not in spec:
+            raise ValueError(f"--label-map {spec!r}: write SOURCE:FROM=TO[,FROM=TO...]")
+        src, pairs = spec.split(":", 1)
+        for pair in filter(None, pairs.split(",")):
+            if "=" not in pair:
+                raise ValueError(f"--label-map {spec!r}: {pair!r} is not FROM=TO")
+            a, b = pair.split("=", 1)
+            out.setdefault(src, {})[a.strip()] = b.strip()
+    return out
+
+
+def load_sources(specs: list[str | Path], label_maps: dict[str, dict[str, str]] | None = None,
+                 labels: list[str] | None = None) -> Dataset:
+    """Load every `--data` source and merge them onto one label list.
+
+    The label list is `labels` when given, else the first source's classes. A
+    later source's label must be in it after its `--label-map`; one that maps to
+    nothing stops the build naming the labels file and the label, because a
+    silently dropped or renamed class would corrupt every number downstream.
+    """
+    label_maps = label_maps or {}
+    if len(specs) == 1 and not label_maps and labels is None:
+        name, path = parse_source(specs[0])
+        ds = load_dataset(path)
+        if name:
+            ds.source_of = [name] * len(ds)
+            ds.source_labels = {name: next(iter(ds.source_labels.values()))}
+            ds.source_info = {name: next(iter(ds.source_info.values()))}
+        return ds
+    parts: list[tuple[str, Dataset]] = []
+    for spec in specs:
+        name, path = parse_source(spec)
+        ds = load_dataset(path)
+        name = name or source_name(path, ds.layout)
+        if any(name == n for n, _ in parts):
+            raise ValueError(f"two --data sources are both named {name!r}: name them NAME=PATH")
+        parts.append((name, ds))
+    unknown = set(label_maps) - {n for n, _ in parts}
+    if unknown:
+        raise ValueError(f"--label-map names source(s) {sorted(unknown)} but the sources are {[n for n, _ in parts]}")
+    canon = list(labels) if labels else [label_maps.get(parts[0][0], {}).get(l, l) for l in parts[0][1].labels]
+    ids, y, groups, paths, source_of = [], [], [], [], []
+    source_labels: dict[str, list[str]] = {}
+    info: dict[str, dict] = {}
+    seen_ids: set[str] = set()
+    for name, ds in parts:
+        lmap = label_maps.get(name, {})
+        where = Path(ds.source) / "labels.csv" if ds.layout == "ham10000" else Path(ds.source)
+        mapped = []
+        for l in ds.labels:
+            to = lmap.get(l, l)
+            if to not in canon:
+                raise ValueError(f"source {name!r} ({where}): label {l!r} maps to no class of the model {canon}; "
+                                 f"map it with --label-map {name}:{l}=<class> or drop those images")
+            mapped.append(to)
+        present = {mapped[k] for k in set(ds.y.tolist())}
+        source_labels[name] = [c for c in canon if c in present]
+        info[name] = {"path": str(ds.source), "layout": ds.layout, "label_map": lmap, "images": len(ds)}
+        for i in range(len(ds)):
+            iid = ds.ids[i] if ds.ids[i] not in seen_ids else f"{name}/{ds.ids[i]}"
+            seen_ids.add(iid)
+            ids.append(iid); y.append(canon.index(mapped[ds.y[i]])); groups.append(f"{name}/{ds.groups[i]}")
+            paths.append(ds.paths[i]); source_of.append(name)
+    if any(ds.arrays is not None for _, ds in parts):
+        raise ValueError("MedMNIST .npz sources cannot be combined with others; use one --data for them")
+    return Dataset(canon, ids, np.array(y), groups, paths, source="+".join(n for n, _ in parts), layout="multi",
+                   source_of=source_of, source_labels=source_labels, source_info=info)
+
+
+def split_sources(ds: Dataset, seed: int = 0, holdout: str | None = None) -> np.ndarray:
+    """`grouped_split` within each source; every image of the `holdout` source gets "holdout"."""
+    if holdout is not None and holdout not in ds.source_labels:
+        raise ValueError(f"--holdout-source {holdout!r} is not one of the sources {ds.sources}")
+    out = np.empty(len(ds), dtype=object)
+    src = np.array(ds.source_of)
+    for name in ds.sources:
+        idx = np.flatnonzero(src == name)
+        if name == holdout:
+            out[idx] = HOLDOUT
+            continue
+        sub = Dataset(ds.labels, [ds.ids[i] for i in idx], ds.y[idx], [ds.groups[i] for i in idx],
+                      [ds.paths[i] for i in idx], fixed_split=None if ds.fixed_split is None else [ds.fixed_split[i] for i in idx])
+        out[idx] = grouped_split(sub, seed=seed)
+    return out.astype(str)
 
 
 def load_dataset(path: str | Path) -> Dataset:
@@ -149,18 +290,31 @@ def grouped_split(ds: Dataset, fractions: tuple[float, float, float] = (0.7, 0.1
 def write_split(path: Path, ds: Dataset, split: np.ndarray) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image_id", "label", "group", "split"])
+        w.writerow(["image_id", "source", "label", "group", "split"])
         for i in range(len(ds)):
-            w.writerow([ds.ids[i], ds.labels[ds.y[i]], ds.groups[i], split[i]])
+            w.writerow([ds.ids[i], ds.source_of[i], ds.labels[ds.y[i]], ds.groups[i], split[i]])
 
 
 def read_split(path: Path, ds: Dataset) -> np.ndarray:
-    """Reuse a recorded split; refuse one that does not describe this dataset."""
+    """Reuse a recorded split; refuse one that does not describe this dataset.
+
+    Files written before sources existed have no `source` column and still read.
+    """
     rows = {r["image_id"]: r["split"] for r in csv.DictReader(open(path, newline=""))}
     missing = [i for i in ds.ids if i not in rows]
     if missing:
         raise ValueError(f"{path} does not cover {len(missing)} images of the dataset (e.g. {missing[:3]}); delete it to make a new split")
     return np.array([rows[i] for i in ds.ids])
+
+
+def cache_images(ds: Dataset, threads: int = 8) -> None:
+    """Decode every image once into memory (OpenCV releases the GIL: threads decode in parallel),
+    for a process that trains several models on the same data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as ex:
+        ims = list(ex.map(ds.image, range(len(ds))))
+    ds.extra["cache"] = dict(enumerate(ims))
 
 
 def load_images(ds: Dataset, idx: np.ndarray, max_side: int | None = None) -> list[np.ndarray]:

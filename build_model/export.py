@@ -21,7 +21,7 @@ INPUT, OUTPUT = "input", "logits"
 def load_checkpoint(path: Path) -> tuple[EfficientNetLite0, dict]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    model = EfficientNetLite0(len(ck["labels"]), cfg["image_size"])
+    model = EfficientNetLite0(len(ck["labels"]), cfg["image_size"], arch=cfg.get("arch", "lite0"))
     model.load_state_dict(ck["model"])
     model.eval()
     return model, ck

@@ -59,3 +59,24 @@ def ece(prob: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
         if m.any():
             total += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(total)
+
+
+def summarize_restricted(y: np.ndarray, prob: np.ndarray, labels: list[str], allowed: list[str]) -> dict:
+    """`summarize` on the classes a source labels: argmax and AUCs among `allowed` only.
+
+    ISIC 2017 has no carcinomas: its balanced accuracy is the mean recall of mel, nv and bkl,
+    with the prediction the most probable of those three. `mel_auc` uses the model's full
+    P(mel), the number the agent's review flag is built on.
+    """
+    cols = [labels.index(a) for a in allowed]
+    sub = prob[:, cols]
+    sub = sub / np.clip(sub.sum(1, keepdims=True), 1e-12, None)
+    remap = {c: k for k, c in enumerate(cols)}
+    keep = np.isin(y, cols)
+    yy = np.array([remap[int(v)] for v in y[keep]], dtype=int)
+    out = summarize(yy, sub[keep], list(allowed))
+    mel = labels.index("mel") if "mel" in labels else None
+    pos = (y == mel) if mel is not None else None
+    out["mel_auc"] = float(roc_auc_score(pos, prob[:, mel])) if mel is not None and 0 < pos.sum() < len(y) else float("nan")
+    out["classes"] = list(allowed)
+    return out

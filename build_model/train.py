@@ -1,9 +1,18 @@
-"""Fine-tune EfficientNet-Lite0 on CPU with checkpoints that survive a kill.
+"""Fine-tune EfficientNet-Lite on CPU (or a CUDA GPU) with checkpoints that survive a kill.
 
 State (model, optimizer, step, history, RNG seeds) is written atomically every
 `ckpt_every` steps and at every epoch end, so `--resume` continues a stopped
 run at the step it reached. The sampling order of an epoch is a pure function
-of (seed, epoch), which is what makes a mid-epoch resume exact.
+of (seed, epoch) and each sample's augmentation of (seed, epoch, position),
+which is what makes a mid-epoch resume exact and lets `workers` processes
+augment in parallel without changing what is trained on.
+
+Several sources: a source that labels only some classes (ISIC 2017: mel, nv,
+bkl) is trained with a loss over the classes it labels (`masked_loss`), so an
+ISIC image never teaches "this camera means no carcinoma"; `source_power`
+balances how often each source is sampled. Validation is scored per source on
+the classes that source labels, and the best epoch is the one with the best
+mean over sources.
 """
 from __future__ import annotations
 
@@ -21,9 +30,9 @@ from tqdm import tqdm
 
 from edge_agent.preprocess import Preprocessing, preprocess, to_tensor
 
-from .augment import augment
+from .augment import AugmentConfig, augment, augment_v2
 from .data import Dataset, load_images
-from .metrics import softmax, summarize
+from .metrics import softmax, summarize, summarize_restricted
 from .model import build_model
 
 
@@ -48,10 +57,16 @@ class TrainConfig:
     qat_percentile: float = 100.0  # QAT: clip the residual stream's range at this percentile (100: ORT's MinMax)
     qat_consistency: float = 1.0   # QAT: weight of KL(float output || rounded output) in the loss
     qat_margin: float = 0.0        # QAT: hinge on the rounded logits: the float model's top class ahead by this much
+    arch: str = "lite0"           # lite0 | lite1 | lite2 (EfficientNet-Lite backbone)
+    augment: str = "legacy"       # legacy (the first recipe) or a comma list of artefacts,zoom,aspect,strong_color ("" = base)
+    masked_loss: bool = True      # a source's images are scored only on the classes that source labels
+    source_power: float = 0.0     # sample weight ~ source_size**-power (0: natural, 1: sources equally often)
+    device: str = "cpu"           # cpu | cuda | auto
+    workers: int = 0              # augmentation processes (0: in the training process)
 
 
 # Settings that do not change the training trajectory: a resume may change them.
-OPERATIONAL = {"patience", "threads", "ckpt_every"}
+OPERATIONAL = {"patience", "threads", "ckpt_every", "workers", "device"}
 
 
 def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
@@ -60,12 +75,77 @@ def class_weights(y: np.ndarray, n: int, power: float) -> np.ndarray:
     return w / (w * counts).sum() * counts.sum()
 
 
-def epoch_order(y: np.ndarray, n_cls: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
+def epoch_order(y: np.ndarray, n_cls: int, cfg: TrainConfig, epoch: int,
+                source: np.ndarray | None = None) -> np.ndarray:
     per_class = class_weights(y, n_cls, cfg.sampling_power)
     p = per_class[y]
+    if source is not None and cfg.source_power:
+        names, inv, counts = np.unique(source, return_inverse=True, return_counts=True)
+        p = p * counts[inv].astype(np.float64) ** -cfg.source_power
     p = p / p.sum()
     rng = np.random.default_rng(cfg.seed * 1000 + epoch)
     return rng.choice(len(y), size=len(y), replace=True, p=p)
+
+
+def masked_cross_entropy(logits: "torch.Tensor", y: "torch.Tensor", allowed: "torch.Tensor",
+                         weight: "torch.Tensor | None" = None, label_smoothing: float = 0.0) -> "torch.Tensor":
+    """Cross-entropy over each sample's `allowed` classes only (label smoothing spread over those).
+
+    With every class allowed it equals `F.cross_entropy(logits, y, weight, label_smoothing=...)`.
+    A class a source does not label gets neither pushed down nor up by that source's images.
+    """
+    logits = logits.float().masked_fill(~allowed, -1e4)
+    logp = F.log_softmax(logits, dim=1)
+    nll = -logp.gather(1, y[:, None]).squeeze(1)
+    if label_smoothing:
+        n_allowed = allowed.sum(1).clamp(min=1)
+        smooth = -(logp * allowed).sum(1) / n_allowed
+        nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+    w = weight[y] if weight is not None else torch.ones_like(nll)
+    return (w * nll).sum() / w.sum()
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Sample `pos` of the schedule: (epoch, slot) -> the image at that slot of the epoch's order,
+    augmented with a generator seeded by (seed, epoch, slot)."""
+
+    def __init__(self, images: list[np.ndarray], y: np.ndarray, mask: np.ndarray, source: np.ndarray | None,
+                 cfg: "TrainConfig", pre: Preprocessing, n_cls: int, per_epoch: int) -> None:
+        self.images, self.y, self.mask, self.source = images, y, mask, source
+        self.cfg, self.pre, self.n_cls, self.per_epoch = cfg, pre, n_cls, per_epoch
+        self.aug = None if cfg.augment == "legacy" else AugmentConfig.from_names(cfg.augment)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.y, self.n_cls, self.cfg, epoch, self.source)}
+        return self._orders[epoch]
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.cfg.epochs
+
+    def __getitem__(self, pos: int):
+        epoch, slot = divmod(int(pos), self.per_epoch)
+        i = int(self.order(epoch)[slot])
+        rng = np.random.default_rng([self.cfg.seed, epoch, slot])
+        img = augment(self.images[i], self.cfg.image_size, rng) if self.aug is None \
+            else augment_v2(self.images[i], self.cfg.image_size, rng, self.aug)
+        return torch.from_numpy(to_tensor(img, self.pre)), int(self.y[i]), torch.from_numpy(self.mask[i])
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu")
+    return torch.device(name)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -82,14 +162,41 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: list[np.ndarray], pre: Preprocessing,
-                   batch: int = 64) -> np.ndarray:
+def predict_logits(model: torch.nn.Module, images: list[np.ndarray] | np.ndarray, pre: Preprocessing,
+                   batch: int = 64, tta: str = "none") -> np.ndarray:
+    """Logits for raw images (preprocessed here) or for an already preprocessed NxCxHxW array.
+
+    `tta="hflip"` averages the logits of the image and its mirror, as the agent does for a bundle
+    that asks for it.
+    """
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.stack([preprocess(im, pre) for im in images[i:i + batch]]))
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+        chunk = images[i:i + batch]
+        x = torch.from_numpy(chunk if isinstance(chunk, np.ndarray) else np.stack([preprocess(im, pre) for im in chunk]))
+        x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(x).float()
+            if tta == "hflip":
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(logits.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def validation_score(y: np.ndarray, logits: np.ndarray, labels: list[str], source: list[str],
+                     source_labels: dict[str, list[str]]) -> tuple[float, dict]:
+    """Mean over sources of (balanced accuracy + macro AUC), each on the classes that source labels."""
+    src = np.array(source)
+    per, scores = {}, []
+    for name, allowed in source_labels.items():
+        m = src == name
+        if not m.any():
+            continue
+        r = summarize_restricted(y[m], softmax(logits[m]), labels, allowed)
+        per[name] = r
+        scores.append(r["balanced_accuracy"] + (0 if np.isnan(r["macro_auc"]) else r["macro_auc"]))
+    return float(np.mean(scores)) if scores else float("nan"), per
 
 
 def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: Preprocessing,
@@ -99,24 +206,36 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    dev = pick_device(cfg.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     tr = np.flatnonzero(split == "train"); va = np.flatnonzero(split == "val")
     n_cls = len(ds.labels)
-    log(f"train {len(tr)} images, val {len(va)} images, classes {ds.class_counts(tr)}")
+    log(f"train {len(tr)} images, val {len(va)} images, classes {ds.class_counts(tr)}"
+        + (f", sources {ds.source_counts(tr)}" if len(ds.sources) > 1 else "")
+        + f", device {dev}")
     tr_imgs = load_images(ds, tr, cfg.max_source_side)
     va_imgs = load_images(ds, va, cfg.max_source_side)
     ytr, yva = ds.y[tr], ds.y[va]
+    mask_all = ds.label_mask() if cfg.masked_loss else np.ones((len(ds), n_cls), bool)
+    src_all = np.array(ds.source_of)
+    va_x = np.stack([preprocess(im, pre) for im in va_imgs]) if len(va_imgs) else np.zeros((0, 3, pre.input_size, pre.input_size), np.float32)
 
-    model = build_model(n_cls, cfg.image_size, pretrained=not cfg.init_from)
+    model = build_model(n_cls, cfg.image_size, pretrained=not cfg.init_from, arch=cfg.arch)
     if cfg.init_from:
         init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
         if init["labels"] != ds.labels:
             raise SystemExit(f"--init-from {cfg.init_from} has labels {init['labels']}, the data has {ds.labels}")
+        if init["config"].get("arch", "lite0") != cfg.arch:
+            raise SystemExit(f"--init-from {cfg.init_from} is {init['config'].get('arch', 'lite0')}, this run asks for --arch {cfg.arch}")
         model.load_state_dict(init["model"])  # padding amounts are not parameters: any input size works
         log(f"initialised from {cfg.init_from} (epoch {init.get('epoch')})")
     cal_x = None
     if cfg.qat:
         if not cfg.init_from:
             raise SystemExit("--qat fine-tunes a trained model for INT8; give --init-from <workdir>/best.pt of a float run")
+        if dev.type != "cpu":
+            raise SystemExit("--qat simulates ONNX Runtime's CPU INT8 arithmetic: run it with --device cpu")
         from .qat import calibrate, float_pass, onnx_ranges, prepare
         from .quantize import CALIB_SIZE, FP32_FIRST_CONVS, calibration_indices
 
@@ -125,12 +244,12 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         cal = calibration_indices(ds.y, split, CALIB_SIZE, cfg.seed)
         cal_x = torch.from_numpy(np.stack([preprocess(tr_imgs[pos[int(g)]], pre) for g in cal]))
         log(f"QAT: {len(rounded)} convolutions round their weights; activation ranges from {len(cal)} calibration images")
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(dev).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    loss_w = torch.tensor(class_weights(ytr, n_cls, cfg.loss_power), dtype=torch.float32)
+    loss_w = torch.tensor(class_weights(ytr, n_cls, cfg.loss_power), dtype=torch.float32, device=dev)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(steps_per_epoch * cfg.warmup_epochs)
@@ -140,6 +259,8 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     if resume and last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         saved = {**asdict(TrainConfig()), **ck["config"]}  # fields added since the checkpoint: defaults
+        if "arch" not in ck["config"]:  # checkpoints from before these fields trained the first recipe
+            saved.update(augment="legacy", masked_loss=cfg.masked_loss)
         same = {k: v for k, v in saved.items() if k not in OPERATIONAL} == \
             {k: v for k, v in asdict(cfg).items() if k not in OPERATIONAL}
         if not same or ck["labels"] != ds.labels:
@@ -148,29 +269,44 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         log(f"resumed at step {state['step']} (epoch {state['step'] // steps_per_epoch + 1})")
 
     def checkpoint() -> None:
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                     "config": asdict(cfg), "labels": ds.labels, "preprocessing": pre.to_dict()}, last)
+        save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                     "state": state, "config": asdict(cfg), "labels": ds.labels, "preprocessing": pre.to_dict()}, last)
 
+    # One loader for the rest of the schedule: sample position p is (epoch, slot) = divmod(p, per_epoch).
+    per_epoch = steps_per_epoch * cfg.batch_size
+    data = Augmented(tr_imgs, ytr, mask_all[tr], src_all[tr] if len(ds.sources) > 1 else None, cfg, pre, n_cls, per_epoch)
+
+    def batches(start_step: int):
+        for st in range(start_step, total):
+            e, b = divmod(st, steps_per_epoch)
+            lo = e * per_epoch + b * cfg.batch_size
+            yield list(range(lo, min(lo + cfg.batch_size, e * per_epoch + len(tr))))
+
+    loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches(state["step"])), num_workers=cfg.workers,
+                                         worker_init_fn=_worker_init if cfg.workers else None,
+                                         pin_memory=dev.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                                         persistent_workers=False)
+    stream = iter(loader)
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     while state["step"] < total and state["bad_epochs"] < cfg.patience:
         epoch = state["step"] // steps_per_epoch
-        order = epoch_order(ytr, n_cls, cfg, epoch)
-        rng = np.random.default_rng(cfg.seed * 7919 + state["step"])
         if cal_x is not None:  # weights moved: re-measure the ranges ORT's calibrator would see now
             calibrate(model, cal_x.contiguous(memory_format=torch.channels_last))
         model.train(not cfg.qat)  # QAT: BatchNorm frozen and no dropout, see qat.py
         start_in_epoch = state["step"] - epoch * steps_per_epoch
         bar = tqdm(range(start_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", mininterval=5, initial=start_in_epoch, total=steps_per_epoch)
-        run_loss, run_acc, seen, t0 = 0.0, 0.0, 0, time.time()
+                   unit="batch", mininterval=5, initial=start_in_epoch, total=steps_per_epoch,
+                   disable=dev.type == "cuda")
+        run_loss, run_acc, seen, t0 = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, time.time()
         for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = torch.from_numpy(np.stack([to_tensor(augment(tr_imgs[i], cfg.image_size, rng), pre) for i in idx]))
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(ytr[idx]).long()
+            x, y, allowed = next(stream)
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y, allowed = y.to(dev, non_blocking=True).long(), allowed.to(dev, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"], total, warmup, cfg.lr)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, weight=loss_w, label_smoothing=cfg.label_smoothing)
+            with torch.autocast(**amp):
+                logits = model(x)
+            loss = masked_cross_entropy(logits, y, allowed, loss_w, cfg.label_smoothing)
             if cfg.qat:
                 with torch.no_grad(), float_pass(model):
                     float_logits = model(x)
@@ -184,32 +320,36 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
             loss.backward()
             opt.step()
             state["step"] += 1
-            run_loss += float(loss) * len(idx); run_acc += float((logits.argmax(1) == y).sum()); seen += len(idx)
-            bar.set_postfix(loss=f"{run_loss / seen:.3f}", acc=f"{run_acc / seen:.3f}",
-                            ips=f"{seen / (time.time() - t0):.1f}")
+            run_loss += loss.detach() * len(y); run_acc += (logits.argmax(1) == y).sum(); seen += len(y)
+            if dev.type == "cpu":
+                bar.set_postfix(loss=f"{float(run_loss) / seen:.3f}", acc=f"{float(run_acc) / seen:.3f}",
+                                ips=f"{seen / (time.time() - t0):.1f}")
             if state["step"] % cfg.ckpt_every == 0:
                 checkpoint()
         bar.close()
         if cal_x is not None:  # the ranges that go with these weights (and into best.pt)
             calibrate(model, cal_x.contiguous(memory_format=torch.channels_last))
-        val_logits = predict_logits(model, va_imgs, pre)
+        val_logits = predict_logits(model, va_x, pre, batch=256 if dev.type == "cuda" else 64)
         val = summarize(yva, softmax(val_logits), ds.labels)
+        score, per_source = validation_score(yva, val_logits, ds.labels, [ds.source_of[i] for i in va], ds.source_labels)
         if cfg.qat:  # the gate's measure, simulated: rounded vs float top-1 on val
             with float_pass(model):
-                val["qat_agreement"] = float((predict_logits(model, va_imgs, pre).argmax(1) == val_logits.argmax(1)).mean())
-        score = val["balanced_accuracy"] + val["macro_auc"]  # pick on both: BA alone is noisy on rare classes
-        rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": run_loss / max(seen, 1),
-               "train_acc": run_acc / max(seen, 1), "val_accuracy": val["accuracy"],
+                val["qat_agreement"] = float((predict_logits(model, va_x, pre).argmax(1) == val_logits.argmax(1)).mean())
+        rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(run_loss) / max(seen, 1),
+               "train_acc": float(run_acc) / max(seen, 1), "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
                "val_mel_sensitivity": val["per_class"].get("mel", {}).get("sensitivity"),
+               "val_score": score, "val_sources": {k: {m: v[m] for m in ("balanced_accuracy", "macro_auc", "mel_auc")}
+                                                    for k, v in per_source.items()} if len(per_source) > 1 else {},
                "qat_agreement": val.get("qat_agreement"), "lr": opt.param_groups[0]["lr"],
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "images_per_s": seen / max(time.time() - t0, 1e-9)}
         state["history"].append(rec)
         if score > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
-            save_atomic({"model": model.state_dict(), "config": asdict(cfg), "labels": ds.labels,
-                         "preprocessing": pre.to_dict(), "epoch": epoch + 1, "val": val,
-                         "qat_ranges": onnx_ranges(model) if cfg.qat else {}}, workdir / "best.pt")
+            save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": asdict(cfg),
+                         "labels": ds.labels, "preprocessing": pre.to_dict(), "epoch": epoch + 1, "val": val,
+                         "val_sources": per_source, "qat_ranges": onnx_ranges(model) if cfg.qat else {}},
+                        workdir / "best.pt")
         else:
             state["bad_epochs"] += 1
         checkpoint()
@@ -217,8 +357,11 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         log(f"epoch {epoch + 1}: loss {rec['train_loss']:.3f} val acc {val['accuracy']:.3f} "
             f"bal-acc {val['balanced_accuracy']:.3f} AUC {val['macro_auc']:.3f} "
             f"mel-sens {rec['val_mel_sensitivity']:.3f}"
-            + (f" int8-sim agreement {rec['qat_agreement']:.4f}" if cfg.qat else "") + f" ({rec['seconds']:.0f}s)"
+            + "".join(f" | {k}: bal-acc {v['balanced_accuracy']:.3f} mel-AUC {v['mel_auc']:.3f}" for k, v in rec["val_sources"].items())
+            + (f" int8-sim agreement {rec['qat_agreement']:.4f}" if cfg.qat else "")
+            + f" ({rec['seconds']:.0f}s, {rec['images_per_s']:.0f} img/s)"
             + (" *best*" if state["best_epoch"] == epoch + 1 else ""))
+    del stream, loader
     if state["bad_epochs"] >= cfg.patience:
         log(f"early stop: no validation improvement for {cfg.patience} epochs (best epoch {state['best_epoch']})")
     return workdir / "best.pt"
