@@ -72,6 +72,7 @@ class BundleReport:
     files: dict[str, str] = field(default_factory=dict)  # name -> "ok" | "mismatch" | "missing" | "unlisted"
     manifest_sha256: str | None = None  # of the exact bytes that were parsed and signature-checked
     signature: SignatureCheck | None = None
+    trust: Trust | None = None  # the keys it was checked against, so a later load_bundle applies the same
 
     @property
     def ok(self) -> bool:
@@ -151,7 +152,7 @@ def verify_bundle(path: str | Path, trust: Trust | None = None) -> BundleReport:
     if trust is None:
         trust = trust_from_environ()
     root = Path(path)
-    rep = BundleReport(path=root)
+    rep = BundleReport(path=root, trust=trust)
     if not root.is_dir():
         rep.errors.append(f"{root} is not a folder: pass the path of a bundle built by `build-model` "
                           "(a folder containing manifest.json)")

@@ -165,6 +165,8 @@ class TrustedKey:
     key: Ed25519PublicKey
     key_id: str
     source: str  # where it came from, for messages: "project key <path>" or "<path> (trusted_keys)"
+    path: Path
+    project: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,10 @@ def make_trust(trusted_keys: Iterable[Path] = (), allow_unsigned: bool = False,
             raise SigningError(f"the project's public key {p} is missing from the installed package: reinstall "
                                "edge-agent (the key verifies the shipped model bundle)")
         k = load_public_key(p)
-        keys.append(TrustedKey(k, key_id(k), f"project key {p}"))
+        keys.append(TrustedKey(k, key_id(k), f"project key {p}", p, project=True))
     for path in trusted_keys:
         k = load_public_key(Path(path))
-        keys.append(TrustedKey(k, key_id(k), f"{path} (trusted_keys)"))
+        keys.append(TrustedKey(k, key_id(k), f"{path} (trusted_keys)", Path(path)))
     return Trust(tuple(keys), allow_unsigned)
 
 
