@@ -134,8 +134,10 @@ def write_manifest(bundle: Path, manifest: dict[str, Any] | None = None, *, sign
     m.update(overrides)
     m["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir())
                   if p.is_file() and p.name not in ("manifest.json", "manifest.sig")}
-    primary_file = m["models"].get(m["primary"], {}).get("file")
-    if primary_file in m["files"] and "model_id" not in overrides:
+    models, primary = m.get("models"), m.get("primary")  # tests also write deliberately broken manifests
+    spec = models.get(primary) if isinstance(models, dict) and isinstance(primary, str) else None
+    primary_file = spec.get("file") if isinstance(spec, dict) and isinstance(spec.get("file"), str) else None
+    if primary_file in m["files"] and "model_id" not in overrides and isinstance(m.get("model_id"), str):
         m["model_id"] = m["model_id"].rsplit("-", 1)[0] + "-" + m["files"][primary_file][:8]
     (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
     if sign:
