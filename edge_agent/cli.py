@@ -299,6 +299,8 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
     if fmt == "json":
         for r in rows:
             r["probabilities"] = json.loads(r["probabilities"])
+            if r.get("policy"):
+                r["policy"] = json.loads(r["policy"])
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "csv":
         cols = list(rows[0]) if rows else [r[1] for r in conn.execute("PRAGMA table_info(results)")]

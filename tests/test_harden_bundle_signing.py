@@ -249,6 +249,11 @@ def test_every_result_row_carries_the_manifest_hash_and_the_policy(fresh_bundle:
     ev = rows(dirs["db"], "SELECT detail FROM events WHERE kind = 'policy'")
     assert len(ev) == 1 and json.loads(ev[0]["detail"])["manifest_sha256"] == digest
     assert not rows(dirs["db"], "SELECT id FROM events WHERE kind IN ('threshold_override', 'unsigned_bundle')")
+    out = run_agent("results", "--db", str(dirs["db"]), "--format", "json")
+    listed = json.loads(out.stdout)
+    assert [x["manifest_sha256"] for x in listed] == [digest] * 4 and listed[0]["policy"] == policy
+    info = run_agent("model", "info", str(fresh_bundle))
+    assert f"sha256 {digest}" in info.stdout, "model info shows the hash the rows carry"
 
 
 def test_threshold_override_is_warned_logged_as_event_and_recorded_per_result(
