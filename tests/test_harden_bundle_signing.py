@@ -86,7 +86,8 @@ def test_shipped_bundle_is_signed_by_the_project_key_and_verifies_without_extra_
 
 def test_project_private_key_is_not_in_the_repository() -> None:
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(["git", "-C", str(root), "grep", "-l", "BEGIN PRIVATE KEY"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(root), "grep", "-lE", "^-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----"],
+                         capture_output=True, text=True)
     assert out.stdout.strip() == "", f"a private key is committed: {out.stdout}"
 
 
