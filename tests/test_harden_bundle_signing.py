@@ -337,6 +337,27 @@ def test_signature_is_over_the_exact_bytes(fresh_bundle: Path) -> None:
     m = json.loads((fresh_bundle / "manifest.json").read_text())
     (fresh_bundle / "manifest.json").write_text(json.dumps(m))
     assert not verify_bundle(fresh_bundle, TEST_TRUST).ok
+    import edge_agent.bundle
+
+    assert edge_agent.bundle.SIG_FILE == SIG_FILE  # bundle.py names it without importing cryptography
     key = Ed25519PrivateKey.generate()
     doc = json.loads(sign_manifest(b"{}", key))
     assert doc["key_id"] == key_id(key.public_key()) and doc["algorithm"] == "ed25519"
+
+
+def test_trust_settings_parse_from_every_source(tmp_path: Path) -> None:
+    from edge_agent.config import ConfigError, load_settings
+
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('trusted_keys = ["~/a.pub", "/b.pub"]\nallow_unsigned_bundle = true\n')
+    s = load_settings(environ={}, config_file=cfg)
+    assert s.trusted_keys == (Path("~/a.pub").expanduser(), Path("/b.pub")) and s.allow_unsigned_bundle is True
+    s = load_settings(environ={"EDGE_AGENT_TRUSTED_KEYS": "/c.pub,/d.pub", "EDGE_AGENT_ALLOW_UNSIGNED_BUNDLE": "no"},
+                      config_file=cfg)
+    assert s.trusted_keys == (Path("/c.pub"), Path("/d.pub")) and s.allow_unsigned_bundle is False
+    s = load_settings({"trusted_keys": (Path("/e.pub"),)}, environ={"EDGE_AGENT_TRUSTED_KEYS": "/c.pub"})
+    assert s.trusted_keys == (Path("/e.pub"),)
+    for bad in ("trusted_keys = 5", "trusted_keys = [1]", "allow_unsigned_bundle = \"maybe\""):
+        cfg.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match="trusted_keys|allow_unsigned_bundle"):
+            load_settings(environ={}, config_file=cfg)
