@@ -1,4 +1,6 @@
-"""Write the model bundle: the ONNX files, split, report and a manifest that checksums them all."""
+"""Write the model bundle: the ONNX files, split, report, a manifest that checksums them all, and (given a
+signing key) manifest.sig, the Ed25519 signature over the manifest (edge_agent/signing.py, the one definition
+of the format that the agent verifies)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from edge_agent.preprocess import Preprocessing
+from edge_agent.signing import SIG_FILE, load_private_key, sign_bundle
 
 FORMAT_VERSION = 1
 LABEL_NAMES = {
@@ -31,10 +34,15 @@ def sha256(path: Path) -> str:
 
 def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_md: str, labels: list[str],
                  pre: Preprocessing, temperature: float, thresholds: dict, gate: dict, primary: str,
-                 training: dict, build_command: str, license_text: str, citation: str) -> dict:
-    """Copy the artifacts into `out` and write manifest.json last (its presence means the bundle is complete)."""
+                 training: dict, build_command: str, license_text: str, citation: str,
+                 signing_key: Path | None = None) -> dict:
+    """Copy the artifacts into `out`, write manifest.json last (its presence means the bundle is complete) and,
+    with `signing_key`, sign it. Without a key the bundle is unsigned: agents refuse it until it is signed
+    (`build-model sign`) or they set allow_unsigned_bundle."""
+    key = load_private_key(signing_key) if signing_key is not None else None  # fail before any work
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
+    (out / SIG_FILE).unlink(missing_ok=True)  # a signature over the previous manifest would not match
     manifest_path.unlink(missing_ok=True)
     files = {"model.fp32.onnx": fp32, "model.int8.onnx": int8, "split.csv": split_csv}
     for name, src in files.items():
@@ -72,4 +80,6 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     tmp.replace(manifest_path)
+    if key is not None:
+        sign_bundle(out, key)
     return manifest

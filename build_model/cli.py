@@ -50,6 +50,15 @@ common_train = [
 ]
 
 
+signing_key_option = click.option(
+    "--signing-key", type=click.Path(path_type=Path), envvar="BUILD_MODEL_SIGNING_KEY", default=None,
+    help="Ed25519 private key (from `build-model keygen`) that signs manifest.json; or BUILD_MODEL_SIGNING_KEY. "
+         "Without it the bundle is unsigned and agents refuse it until `build-model sign`.")
+trusted_key_option = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), metavar="PUBFILE",
+    help="public key whose signature counts as trusted when verifying (repeatable; the project key always does)")
+
+
 def with_options(opts):
     def deco(f):
         for o in reversed(opts):
@@ -141,13 +150,15 @@ def validate(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 
 @main.command()
 @with_options(common_train)
-def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
-    """Write the bundle folder (ONNX files, split, report.md, manifest.json) and verify it."""
+@signing_key_option
+def bundle(data: Path, out: Path, workdir: Path | None, seed: int, signing_key: Path | None) -> None:
+    """Write the bundle folder (ONNX files, split, report.md, manifest.json, manifest.sig) and verify it."""
     from .stages import bundle as run
 
+    _check_signing_key(signing_key)
     ds, split, work = _stage_args(data, out, workdir, seed)
-    run(ds, split, work, out, _command_line(), _log)
-    _verify_or_exit(out)
+    run(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
+    _verify_or_exit(out, signing_key=signing_key)
 
 
 @main.command()
@@ -160,14 +171,16 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
                    "at INT8/FP32 agreement; exported instead of the float model; 0 skips it")
 @click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
 @adaround_option
+@signing_key_option
 @click.pass_context
 def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
-        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, **kw) -> None:
+        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
     from . import stages
 
+    _check_signing_key(signing_key)
     cfg = make_config(seed, kw)
     ds, split = data_and_split(data, out, seed)
     work = workdir_for(out, workdir)
@@ -187,8 +200,8 @@ def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: i
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
     stages.validate(ds, split, work, _log, seed)
-    stages.bundle(ds, split, work, out, _command_line(), _log)
-    _verify_or_exit(out)
+    stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
+    _verify_or_exit(out, signing_key=signing_key)
 
 
 def _padding(work: Path, image_size: int) -> None:
@@ -208,25 +221,100 @@ def _command_line() -> str:
     return "build-model " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _verify_or_exit(path: Path) -> None:
-    from edge_agent.bundle import verify_bundle
+def _check_signing_key(signing_key: Path | None) -> None:
+    """A wrong key path must fail before hours of training, not at the end."""
+    from edge_agent.signing import SigningError, load_private_key
 
-    report = verify_bundle(path)
+    if signing_key is not None:
+        try:
+            load_private_key(signing_key)
+        except SigningError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _verify_or_exit(path: Path, signing_key: Path | None = None, trusted_keys: tuple[Path, ...] = (),
+                    require_signature: bool = False) -> None:
+    """Verify a bundle as an agent would, trusting the project key, `trusted_keys` and the key that just signed
+    it. An unsigned bundle is a warning here (the build may sign later) unless `require_signature`."""
+    from dataclasses import replace
+
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.signing import SigningError, TrustedKey, key_id, load_private_key, make_trust
+
+    try:
+        trust = make_trust(trusted_keys, allow_unsigned=not require_signature)
+        if signing_key is not None:
+            pub = load_private_key(signing_key).public_key()
+            own = TrustedKey(pub, key_id(pub), f"signing key {signing_key}", signing_key)
+            trust = replace(trust, keys=trust.keys + (own,))
+    except SigningError as e:
+        raise click.ClickException(str(e)) from None
+    report = verify_bundle(path, trust)
     m = report.manifest or {}
     for w in report.warnings:
         _log(f"warning: {w}")
     if not report.ok:
         raise click.ClickException(f"bundle {path} failed verification:\n  - " + "\n  - ".join(report.errors))
     gate = m.get("gate", {})
+    sig = report.signature
+    signed = f"signed by {sig.key_id}" if sig is not None and sig.valid else "UNSIGNED (run `build-model sign`)"
     click.echo(f"{path}: OK - {m.get('model_id')}, primary {m.get('primary')}, {len(report.files)} files checksummed, "
-               f"gate {'approved' if gate.get('approved') else 'rejected'}: {gate.get('reason', 'n/a')}")
+               f"{signed}, gate {'approved' if gate.get('approved') else 'rejected'}: {gate.get('reason', 'n/a')}")
 
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-def verify(bundle_dir: Path) -> None:
-    """Check a bundle: manifest format, every file's sha256, labels, gate verdict."""
-    _verify_or_exit(bundle_dir)
+@trusted_key_option
+@click.option("--require-signature/--allow-unsigned", default=False, show_default=True,
+              help="fail when the manifest has no signature from a trusted key (as an agent does by default)")
+def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], require_signature: bool) -> None:
+    """Check a bundle: signature, manifest format, every file's sha256, labels, gate verdict."""
+    _verify_or_exit(bundle_dir, trusted_keys=trusted_keys, require_signature=require_signature)
+
+
+@main.command()
+@click.option("--private", "private_path", type=click.Path(path_type=Path), required=True,
+              help="where to write the new private key (created 0600; never overwritten; keep it off devices)")
+@click.option("--public", "public_path", type=click.Path(path_type=Path), default=None,
+              help="where to write the public key (default: PRIVATE with .pub); devices trust this file")
+def keygen(private_path: Path, public_path: Path | None) -> None:
+    """Create an Ed25519 key pair for signing bundles (a site's own key for its retrained bundles)."""
+    from edge_agent.signing import SigningError, write_keypair
+
+    public_path = public_path or private_path.with_suffix(".pub")
+    try:
+        kid = write_keypair(private_path, public_path)
+    except (SigningError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"key {kid}: private {private_path} (0600, keep it secret and off the devices), public {public_path} "
+               "(list it in the devices' trusted_keys)")
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="bundle folder whose manifest.json to sign")
+@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True,
+              help="Ed25519 private key from `build-model keygen`")
+def sign(bundle_dir: Path, key_path: Path) -> None:
+    """Sign a bundle's manifest.json (writes manifest.sig) after checking every file against it.
+
+    Signing vouches for the manifest, so a bundle whose files, format or fields fail verification is refused:
+    fix or rebuild it first.
+    """
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.signing import SigningError, load_private_key, make_trust, sign_bundle
+
+    try:
+        key = load_private_key(key_path)
+        rep = verify_bundle(bundle_dir, make_trust(allow_unsigned=True))
+    except SigningError as e:
+        raise click.ClickException(str(e)) from None
+    problems = [e for e in rep.errors if not e.startswith("signature:")]
+    if problems:
+        raise click.ClickException(f"refusing to sign {bundle_dir}: it fails verification:\n  - " + "\n  - ".join(problems))
+    kid = sign_bundle(bundle_dir, key)
+    _log(f"signed {bundle_dir / 'manifest.json'} with {kid}")
+    _verify_or_exit(bundle_dir, signing_key=key_path, require_signature=True)
 
 
 @main.command()

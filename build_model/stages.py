@@ -247,7 +247,8 @@ def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> di
     }
 
 
-def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log) -> dict:
+def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log,
+           signing_key: Path | None = None) -> dict:
     from .bundle import HAM_CITATION, HAM_LICENSE, write_bundle
     from .report import render
 
@@ -267,8 +268,9 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
                             report_md=md, labels=ds.labels, pre=pre, temperature=val["temperature"],
                             thresholds=val["thresholds"], gate=val["gate"] | {"calibration": val["calibration"]},
                             primary=val["primary"], training=training, build_command=build_command,
-                            license_text=license_text, citation=citation)
-    log(f"bundle: {out} ({manifest['model_id']}, primary {manifest['primary']})")
+                            license_text=license_text, citation=citation, signing_key=signing_key)
+    log(f"bundle: {out} ({manifest['model_id']}, primary {manifest['primary']}, "
+        f"{'signed with ' + str(signing_key) if signing_key else 'UNSIGNED'})")
     return manifest
 
 

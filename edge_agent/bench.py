@@ -249,13 +249,14 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from .infer import Engine
     from .intake import read_file
     from .pipeline import result_row
+    from .signing import trust_from_settings
     from .store import Writer, now_iso
     from .triage import Policy, softmax, triage
 
     s = _settings(spec["flags"])
     files = [Path(p) for p in spec["files"]]
     n, min_s = len(files), spec["min_seconds"]
-    bundle = load_bundle(s.model_path)
+    bundle = load_bundle(s.model_path, trust_from_settings(s))
     policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override)
     limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
     root = Path(os.path.realpath(files[0].parent))
@@ -306,7 +307,8 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
                     t, d = probs_out[i], decoded[i]
                     row = result_row(t, d, sha256=f"{p:08x}{i:056x}", processed_at=now_iso(),
                                      model_id=bundle.model_id, variant=engine.variant, fallback=False,
-                                     label_name=t.label, spot_checked=False, spot_label=None, latency_ms=1.0)
+                                     label_name=t.label, spot_checked=False, spot_label=None, latency_ms=1.0,
+                                     manifest_sha256=bundle.manifest_sha256, policy=policy.to_json())
                     ids.append(writer.insert_result(row | {
                         "original_name": files[i].name, "original_path": str(files[i]), "received_at": now_iso(),
                         "stored_path": f"/processed/{p}/{files[i].name}", "file_state": "pending"}))
@@ -421,6 +423,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _env_trust_flags() -> dict[str, Any]:
+    """The bundle trust this process's environment configures, as flags for the workers (which run without
+    EDGE_AGENT_* variables), so they accept exactly the bundle that `run` verified here."""
+    from .signing import trust_from_environ
+
+    trust = trust_from_environ()
+    return {"trusted_keys": [str(k.path) for k in trust.keys if not k.project],
+            "allow_unsigned_bundle": trust.allow_unsigned}
+
+
 def _spawn(kind: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     spec_file = workdir / f"{kind}.spec.json"
     spec = {**spec, "t_launch": time.time()}
@@ -463,7 +475,7 @@ def run(inbox: Path, model: Path | None = None, count: int = 320, sizes: str = D
         files = make_images(sources, size, count, workdir / "images" / f"{label}-{count}", threads=cores)
         run_dir = workdir / "run"
         entry: dict[str, Any] = {"size": label, "count": count}
-        base = {"model": str(model), **flags}
+        base = {"model": str(model), **_env_trust_flags(), **flags}
         if os.path.exists(run_dir):
             shutil.rmtree(run_dir)
         run_dir.mkdir()

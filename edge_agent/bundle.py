@@ -10,6 +10,13 @@ check and use).
 
 `verify_bundle(path)` never raises for a bad bundle: it returns a report, so
 `build_model` and `edge-agent model verify` can list every problem at once.
+
+The manifest itself is signed (signing.py, docs/bundle-format.md): a bundle
+whose manifest.sig is missing, from a key this device does not trust, or
+does not match the manifest bytes is refused, unless the administrator set
+allow_unsigned_bundle (missing or untrusted only). The manifest is read once,
+bounded in size and JSON nesting, and the bytes that were signature-checked
+are the bytes that were parsed; their SHA-256 goes into every result row.
 """
 from __future__ import annotations
 
@@ -21,13 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV, which `status`/`results` never need
+if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV and signing the cryptography library,
+    # which `status`/`results` (they import LABEL_RE from here) never need
     from .preprocess import Preprocessing
+    from .signing import SignatureCheck, Trust
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 VARIANTS = ("int8", "fp32")
+SIG_FILE = "manifest.sig"  # = signing.SIG_FILE (not imported here, see above)
+MAX_MANIFEST_BYTES = 1 << 20  # the shipped manifest is ~8 KiB; a bigger one is not a manifest
+MAX_JSON_DEPTH = 32  # the shipped manifest nests 5 deep; Python's json recurses per level
+MAX_INPUT_SIZE = 2048  # model input side in pixels (the shipped model uses 192)
 
 
 class BundleError(Exception):
@@ -56,6 +70,9 @@ class BundleReport:
     warnings: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # name -> "ok" | "mismatch" | "missing" | "unlisted"
+    manifest_sha256: str | None = None  # of the exact bytes that were parsed and signature-checked
+    signature: SignatureCheck | None = None
+    trust: Trust | None = None  # the keys it was checked against, so a later load_bundle applies the same
 
     @property
     def ok(self) -> bool:
@@ -65,32 +82,100 @@ class BundleReport:
         m = self.manifest or {}
         return {"path": str(self.path), "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
                 "files": self.files, "model_id": m.get("model_id"), "format_version": m.get("format_version"),
-                "primary": m.get("primary"), "fallback": m.get("fallback"), "gate": m.get("gate")}
+                "primary": m.get("primary"), "fallback": m.get("fallback"), "gate": m.get("gate"),
+                "manifest_sha256": self.manifest_sha256,
+                "signature": self.signature.to_dict() if self.signature else None}
 
     def raise_for_errors(self) -> None:
         if self.errors:
             raise BundleError(f"refusing to use the model bundle {self.path}:\n  - " + "\n  - ".join(self.errors))
 
 
-def verify_bundle(path: str | Path) -> BundleReport:
-    """Check a bundle folder against the format and its own checksums; never raises for bad content."""
+class ManifestError(ValueError):
+    """manifest.json cannot be parsed safely; the message says why."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError(f"it contains {name}, which is not a number in JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ManifestError(f"key {k!r} appears twice in one object (parsers disagree on which one counts)")
+        out[k] = v
+    return out
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in JSON text, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_manifest(data: bytes) -> Any:
+    """Parse manifest bytes strictly: UTF-8, at most MAX_JSON_DEPTH levels deep (checked before parsing,
+    so a hostile file cannot exhaust the parser's recursion), no NaN/Infinity, no duplicate keys."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"it is not UTF-8 text ({e})") from None
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ManifestError(f"it nests arrays/objects {depth} levels deep, more than the {MAX_JSON_DEPTH} a manifest "
+                            "may use")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError:  # pragma: no cover - the depth check above comes first
+        raise ManifestError("it nests too deeply to parse") from None
+    except ValueError as e:  # JSONDecodeError, integers longer than Python's digit limit, ManifestError
+        raise ManifestError(str(e)) from None
+
+
+def verify_bundle(path: str | Path, trust: Trust | None = None) -> BundleReport:
+    """Check a bundle folder against the format, its signature and its own checksums; never raises for bad
+    content. `trust`: the keys to accept (signing.make_trust / trust_from_settings); None applies the
+    project key plus the environment (signing.trust_from_environ), as the CLI would without a config file."""
+    from .signing import SigningError, read_small, trust_from_environ
+
+    if trust is None:
+        trust = trust_from_environ()
     root = Path(path)
-    rep = BundleReport(path=root)
+    rep = BundleReport(path=root, trust=trust)
     if not root.is_dir():
         rep.errors.append(f"{root} is not a folder: pass the path of a bundle built by `build-model` "
                           "(a folder containing manifest.json)")
         return rep
     mpath = root / MANIFEST
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        data = read_small(mpath, MAX_MANIFEST_BYTES, "the manifest")
+        manifest = parse_manifest(data)
     except FileNotFoundError:
         rep.errors.append(f"{mpath} is missing: this folder is not a model bundle; rebuild it with `build-model`")
         return rep
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        rep.errors.append(f"{mpath} cannot be read as JSON ({e}): the bundle is damaged; rebuild or re-copy it")
+    except SigningError as e:
+        rep.errors.append(f"{e}; the bundle is damaged or was tampered with: re-copy it from its source")
         return rep
+    except ManifestError as e:
+        rep.errors.append(f"{mpath} is not a valid manifest: {e}; the bundle is damaged or was tampered with: "
+                          "rebuild or re-copy it")
+        return rep
+    rep.manifest_sha256 = hashlib.sha256(data).hexdigest()
+    _check_signature(root, data, trust, rep)
     if not isinstance(manifest, dict):
-        rep.errors.append(f"{mpath} must hold a JSON object; the bundle is damaged; rebuild it")
+        rep.errors.append(f"{mpath} must hold a JSON object, not a {type(manifest).__name__}; the bundle is damaged; "
+                          "rebuild it")
         return rep
     rep.manifest = manifest
 
@@ -109,13 +194,34 @@ def verify_bundle(path: str | Path) -> BundleReport:
     return rep
 
 
+def _check_signature(root: Path, data: bytes, trust: Trust, rep: BundleReport) -> None:
+    """manifest.sig against the manifest bytes: an error, or a warning where allow_unsigned_bundle accepts it."""
+    from .signing import MAX_SIG_BYTES, SignatureCheck, SigningError, check_signature, read_small
+
+    try:
+        sig: bytes | None = read_small(root / SIG_FILE, MAX_SIG_BYTES, "the signature file")
+    except FileNotFoundError:
+        sig = None
+    except SigningError as e:
+        rep.signature = SignatureCheck("invalid", str(e))
+        rep.errors.append(f"signature: {e}")
+        return
+    rep.signature = check = check_signature(data, sig, trust)
+    if check.valid:
+        return
+    if check.allowable and trust.allow_unsigned:
+        rep.warnings.append(f"UNSIGNED BUNDLE ACCEPTED (allow_unsigned_bundle = true): {check.message}")
+    else:
+        rep.errors.append(f"signature: {check.message}")
+
+
 def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         rep.errors.append("manifest 'files' must map every bundle file name to its sha256; rebuild the bundle")
         return
     for name, digest in sorted(files.items()):
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST):
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST, SIG_FILE):
             rep.errors.append(f"manifest lists an invalid file name {name!r}; only plain file names in the bundle "
                               "folder are allowed; rebuild the bundle")
             continue
@@ -134,7 +240,7 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
         else:
             rep.files[name] = "ok"
     for p in sorted(root.iterdir()):
-        if p.name != MANIFEST and p.name not in files:
+        if p.name not in (MANIFEST, SIG_FILE) and p.name not in files:
             rep.errors.append(f"{p.name} is in the bundle folder but not listed in the manifest: remove it, or "
                               "re-copy the bundle; the agent only runs exactly what was built and checksummed")
             rep.files[p.name] = "unlisted"
@@ -144,31 +250,50 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
 
 
 def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
+    """Every field the agent uses, with its type: a manifest is data from a file, and a wrong type must be a
+    clear refusal here, never an exception later (in `model info`, at load, or mid-scan)."""
     err = rep.errors.append
     for key, typ in (("model_id", str), ("labels", list), ("high_risk_labels", list), ("preprocessing", dict),
                      ("input", dict), ("output", dict), ("models", dict), ("primary", str), ("thresholds", dict)):
         if not isinstance(m.get(key), typ):
             err(f"manifest key {key!r} is missing or not a {typ.__name__}; rebuild the bundle with a current build-model")
+    for key, typ in (("label_names", dict), ("gate", dict), ("training", dict), ("created_at", str),
+                     ("build_command", str), ("license", str), ("citation", str)):
+        if key in m and not isinstance(m[key], typ):
+            err(f"manifest key {key!r} must be a {typ.__name__}, not {type(m[key]).__name__}; rebuild the bundle")
+    if "fallback" in m and m["fallback"] is not None and not isinstance(m["fallback"], str):
+        err(f"manifest fallback {m['fallback']!r} must be null or a variant name; rebuild the bundle")
     if rep.errors:
         return
+    if not MODEL_ID_RE.match(m["model_id"]):
+        err(f"model_id {m['model_id'][:80]!r} must be 1-128 letters, digits, '.', '_', '+' or '-' (it goes into "
+            "every result row and log line); rebuild the bundle")
     labels = m["labels"]
-    if not labels or len(set(labels)) != len(labels) or not all(isinstance(x, str) and LABEL_RE.match(x) for x in labels):
+    if not labels or not all(isinstance(x, str) and LABEL_RE.match(x) for x in labels) or len(set(labels)) != len(labels):
         err(f"manifest labels {labels!r} must be unique lower-case identifiers (letters, digits, _); rebuild the bundle")
         return
     bad = [x for x in m["high_risk_labels"] if x not in labels]
     if bad:
         err(f"high_risk_labels {bad} are not among the model labels {labels}; fix the manifest and rebuild")
+    names = m.get("label_names") or {}
+    if any(not isinstance(v, str) or len(v) > 200 for v in names.values()):
+        err("label_names must map labels to short texts (at most 200 characters); rebuild the bundle")
     from .preprocess import Preprocessing
 
-    try:
-        pre = Preprocessing.from_dict(m["preprocessing"])
-    except (ValueError, TypeError) as e:
-        err(f"preprocessing block is invalid: {e}")
-        pre = None
+    pre = None
+    pre_problem = _preprocessing_problem(m["preprocessing"])
+    if pre_problem:
+        err(f"preprocessing block is invalid: {pre_problem}; rebuild the bundle")
+    else:
+        try:
+            pre = Preprocessing.from_dict(m["preprocessing"])
+        except (ValueError, TypeError) as e:
+            err(f"preprocessing block is invalid: {e}")
     shape = m["input"].get("shape")
     if not isinstance(m["input"].get("name"), str):
         err("manifest input.name must name the ONNX input tensor; rebuild the bundle")
-    if not (isinstance(shape, list) and len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3]):
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3]
+            and _is_int(shape[2])):
         err(f"manifest input.shape {shape!r} must be [batch, 3, S, S]; rebuild the bundle")
     elif pre is not None and shape[2] != pre.input_size:
         err(f"manifest input.shape size {shape[2]} differs from preprocessing.input_size {pre.input_size}; rebuild the bundle")
@@ -182,8 +307,11 @@ def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
 
     models, files = m["models"], m.get("files") or {}
     for variant, spec in models.items():
-        if variant not in VARIANTS or not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
-            err(f"models.{variant} must be {{'file': name, 'approved': bool}} with variant int8 or fp32; rebuild the bundle")
+        if (variant not in VARIANTS or not isinstance(spec, dict) or not isinstance(spec.get("file"), str)
+                or not isinstance(spec.get("approved", False), bool)):
+            err(f"models.{variant} must be {{'file': name, 'approved': true|false}} with variant int8 or fp32; "
+                "rebuild the bundle")
+            return
         elif spec["file"] not in files:
             err(f"models.{variant}.file {spec['file']!r} is not listed (checksummed) in manifest files; rebuild the bundle")
     primary, fallback = m["primary"], m.get("fallback")
@@ -212,6 +340,9 @@ def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
 def _check_thresholds(th: dict[str, Any], labels: list[str], rep: BundleReport) -> None:
     rules = 0
     for name, spec in th.items():
+        if not LABEL_RE.match(name):
+            rep.errors.append(f"threshold name {name[:40]!r} must be a lower-case identifier; rebuild the bundle")
+            continue
         if not isinstance(spec, dict):
             rep.errors.append(f"thresholds.{name} must be an object; rebuild the bundle")
             continue
@@ -229,6 +360,37 @@ def _check_thresholds(th: dict[str, Any], labels: list[str], rep: BundleReport) 
     if not rules:
         rep.errors.append("thresholds define no high-risk rule (an entry with 'labels' and 'probability'): the agent "
                           "could never flag a malignant lesion; rebuild the bundle")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _preprocessing_problem(p: dict[str, Any]) -> str | None:
+    """Types and ranges of the preprocessing block (Preprocessing.from_dict checks the vocabulary): a
+    string, float or huge input_size would otherwise fail (or allocate gigabytes) on the first image."""
+    size = p.get("input_size")
+    if not _is_int(size) or not 8 <= size <= MAX_INPUT_SIZE:
+        return f"input_size {size!r} must be a whole number of pixels from 8 to {MAX_INPUT_SIZE}"
+    for key in ("mean", "std"):
+        v = p.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+            return f"{key} {v!r} must be a list of 3 numbers"
+    if isinstance(p.get("std"), list) and any(x <= 0 for x in p["std"]):
+        return f"std {p['std']!r} must be positive"
+    for key in ("color_order", "resize", "interpolation", "color_constancy", "layout"):
+        if key in p and not isinstance(p[key], str):
+            return f"{key} {p[key]!r} must be text"
+    if p.get("interpolation", "area") not in ("area", "linear", "cubic"):
+        return f"interpolation {p.get('interpolation')!r} must be area, linear or cubic"
+    gp = p.get("shades_of_gray_p", 6)
+    if not _is_number(gp) or not 1 <= gp <= 64:
+        return f"shades_of_gray_p {gp!r} must be a number from 1 to 64"
+    return None
 
 
 def _is_prob(p: Any) -> bool:
@@ -261,6 +423,8 @@ class Bundle:
     fallback: str | None
     variants: dict[str, Variant]
     file_hashes: dict[str, str]
+    manifest_sha256: str = ""  # sha256 of the manifest bytes that were verified and parsed (in every result row)
+    signature: SignatureCheck | None = None  # how the manifest's signature was accepted (valid, or allowed unsigned)
 
     @property
     def input_size(self) -> int:
@@ -276,11 +440,12 @@ class Bundle:
         return data
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Verify and load a bundle, or raise BundleError listing what is wrong and what to do."""
+def load_bundle(path: str | Path, trust: Trust | None = None) -> Bundle:
+    """Verify and load a bundle, or raise BundleError listing what is wrong and what to do (trust: as in
+    verify_bundle)."""
     from .preprocess import Preprocessing
 
-    rep = verify_bundle(path)
+    rep = verify_bundle(path, trust)
     rep.raise_for_errors()
     m = rep.manifest
     assert m is not None
@@ -300,4 +465,6 @@ def load_bundle(path: str | Path) -> Bundle:
         fallback=m.get("fallback"),
         variants={k: Variant(k, v["file"], bool(v.get("approved", False))) for k, v in m["models"].items()},
         file_hashes=dict(m["files"]),
+        manifest_sha256=rep.manifest_sha256 or "",
+        signature=rep.signature,
     )

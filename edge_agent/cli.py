@@ -59,6 +59,10 @@ _SPECIAL = {
     "after": click.option("--after", type=click.Choice(AFTER_CHOICES), help=HELP["after"]),
     "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
                               help="log level (default INFO)"),
+    "trusted_keys": click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+                                 metavar="PUBFILE", help=HELP["trusted_keys"] + " (repeatable)"),
+    "allow_unsigned_bundle": click.option("--allow-unsigned-bundle/--no-allow-unsigned-bundle", default=None,
+                                          help=HELP["allow_unsigned_bundle"]),
 }
 
 
@@ -295,6 +299,8 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
     if fmt == "json":
         for r in rows:
             r["probabilities"] = json.loads(r["probabilities"])
+            if r.get("policy"):
+                r["policy"] = json.loads(r["policy"])
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "csv":
         cols = list(rows[0]) if rows else [r[1] for r in conn.execute("PRAGMA table_info(results)")]
@@ -442,36 +448,76 @@ def _bundle_arg(bundle: Path | None) -> Path:
     return path
 
 
+def _trust_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The bundle-trust settings of `run`/`scan`, so `model verify` answers exactly as the agent would."""
+    for o in reversed([_SPECIAL["trusted_keys"], _SPECIAL["allow_unsigned_bundle"],
+                       click.option("--config", "config_file", type=click.Path(path_type=Path),
+                                    help="TOML settings file (trusted_keys, allow_unsigned_bundle)")]):
+        f = o(f)
+    return f
+
+
+def _verify_with_trust(path: Path, config_file: Path | None, trusted_keys: tuple[Path, ...],
+                       allow_unsigned_bundle: bool | None) -> Any:
+    from .signing import trust_from_settings
+
+    s = _load({"trusted_keys": trusted_keys, "allow_unsigned_bundle": allow_unsigned_bundle}, config_file)
+    try:
+        trust = trust_from_settings(s)
+    except ConfigError as e:
+        _fail(str(e))
+    return verify_bundle(path, trust)
+
+
+def _items(x: Any) -> list[tuple[Any, Any]]:
+    return list(x.items()) if isinstance(x, dict) else []
+
+
+def _signature_line(rep: Any) -> str:
+    sig = rep.signature
+    if sig is None:
+        return "-"
+    return f"{sig.status.upper()}: {sig.message}" if not sig.valid else f"valid, {sig.message}"
+
+
 @model.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
-def info(bundle: Path | None, as_json: bool) -> None:
-    """Show a bundle: id, labels, variants, thresholds, gate verdict, checksum status."""
-    rep = verify_bundle(_bundle_arg(bundle))
+@_trust_options
+def info(bundle: Path | None, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
+         allow_unsigned_bundle: bool | None) -> None:
+    """Show a bundle: id, labels, variants, thresholds, gate verdict, signature and checksum status."""
+    rep = _verify_with_trust(_bundle_arg(bundle), config_file, trusted_keys, allow_unsigned_bundle)
     m = rep.manifest or {}
     if as_json:
         click.echo(json.dumps({**rep.to_dict(), "manifest": m}, indent=2, default=str))
         sys.exit(0 if rep.ok else 1)
-    gate = m.get("gate") or {}
-    names = m.get("label_names") or {}
+    # The manifest may be damaged or hostile: show what it says (as text), never trust its types here.
+    gate = m.get("gate") if isinstance(m.get("gate"), dict) else {}
+    names = m.get("label_names") if isinstance(m.get("label_names"), dict) else {}
+    labels = m.get("labels") if isinstance(m.get("labels"), list) else []
+    high = m.get("high_risk_labels") if isinstance(m.get("high_risk_labels"), list) else []
     click.echo(f"bundle:        {rep.path}")
-    click.echo(f"model id:      {m.get('model_id', '-')} (format v{m.get('format_version', '-')}, created "
-               f"{m.get('created_at', '-')})")
-    click.echo(f"labels:        {', '.join(f'{x} ({names[x]})' if x in names else str(x) for x in m.get('labels', []))}")
-    click.echo(f"high risk:     {', '.join(m.get('high_risk_labels', []))}")
-    for v, spec in (m.get("models") or {}).items():
+    click.echo(f"model id:      {m.get('model_id', '-')!s} (format v{m.get('format_version', '-')!s}, created "
+               f"{m.get('created_at', '-')!s})")
+    click.echo(f"labels:        {', '.join(f'{x} ({names[x]})' if isinstance(x, str) and x in names else str(x) for x in labels)}")
+    click.echo(f"high risk:     {', '.join(str(x) for x in high)}")
+    for v, spec in _items(m.get("models")):
+        spec = spec if isinstance(spec, dict) else {}
         role = "primary" if v == m.get("primary") else "fallback" if v == m.get("fallback") else "spare"
-        click.echo(f"model {v:<8} {spec.get('file')} - {'approved' if spec.get('approved') else 'NOT approved'}, {role}")
-    click.echo(f"temperature:   {m.get('temperature', '-')}")
-    for name, spec in (m.get("thresholds") or {}).items():
-        if isinstance(spec, dict) and "labels" in spec:
-            click.echo(f"threshold:     {name}: P({'+'.join(spec['labels'])}) >= {spec.get('probability')} -> high_risk")
+        click.echo(f"model {v:<8} {spec.get('file')} - {'approved' if spec.get('approved') is True else 'NOT approved'}, {role}")
+    click.echo(f"temperature:   {m.get('temperature', '-')!s}")
+    for name, spec in _items(m.get("thresholds")):
+        if isinstance(spec, dict) and isinstance(spec.get("labels"), list):
+            click.echo(f"threshold:     {name}: P({'+'.join(str(x) for x in spec['labels'])}) >= {spec.get('probability')} -> high_risk")
         elif name == "low_confidence" and isinstance(spec, dict):
             click.echo(f"threshold:     low_confidence: top-1 probability < {spec.get('top1_probability')}")
     click.echo(f"gate:          {'APPROVED' if gate.get('approved') else 'REJECTED' if gate else '-'}"
                f"{': ' + str(gate.get('reason')) if gate.get('reason') else ''}")
     if m.get("license"):
-        click.echo(f"license:       {m['license']}")
+        click.echo(f"license:       {m['license']!s}")
+    click.echo(f"manifest:      sha256 {rep.manifest_sha256 or '-'}")
+    click.echo(f"signature:     {_signature_line(rep)}")
     click.echo(f"checksums:     {'all ' + str(len(rep.files)) + ' files ok' if rep.ok else 'PROBLEMS (see below)'}")
     for e in rep.errors:
         click.echo(f"ERROR: {e}", err=True)
@@ -485,9 +531,12 @@ def info(bundle: Path | None, as_json: bool) -> None:
 @click.option("--load/--no-load", default=True, show_default=True,
               help="also open every model variant in onnxruntime and run one zero image through it")
 @click.option("--json", "as_json", is_flag=True)
-def verify(bundle: Path | None, load: bool, as_json: bool) -> None:
-    """Check a bundle: format version, checksums, unlisted files, labels, thresholds, gate; exit 1 on problems."""
-    rep = verify_bundle(_bundle_arg(bundle))
+@_trust_options
+def verify(bundle: Path | None, load: bool, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
+           allow_unsigned_bundle: bool | None) -> None:
+    """Check a bundle: signature, format version, checksums, unlisted files, labels, thresholds, gate; exit 1 on
+    problems."""
+    rep = _verify_with_trust(_bundle_arg(bundle), config_file, trusted_keys, allow_unsigned_bundle)
     if rep.ok and load:
         _check_loads(rep)
     if as_json:
@@ -495,6 +544,8 @@ def verify(bundle: Path | None, load: bool, as_json: bool) -> None:
     else:
         for name, state in sorted(rep.files.items()):
             click.echo(f"{state:>9}  {name}")
+        click.echo(f"signature: {_signature_line(rep)}")
+        click.echo(f"manifest sha256: {rep.manifest_sha256 or '-'}")
         for e in rep.errors:
             click.echo(f"ERROR: {e}")
         for w in rep.warnings:
@@ -509,7 +560,7 @@ def _check_loads(rep: Any) -> None:
     from .bundle import load_bundle
     from .infer import Engine, _short
 
-    b = load_bundle(rep.path)
+    b = load_bundle(rep.path, rep.trust)
     x = np.zeros((1, 3, b.input_size, b.input_size), np.float32)
     for variant in b.variants:
         eng = Engine(b)

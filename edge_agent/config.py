@@ -65,6 +65,10 @@ class Settings:
     min_free_mb: float = 256.0
     log_level: str = "INFO"
     queue_max: int = 32
+    # Bundle trust (signing.py, docs/install.md "Trusting model bundles"): public keys besides the project's
+    # whose signatures this device accepts, and whether a bundle without a trusted signature may run.
+    trusted_keys: tuple[Path, ...] = ()
+    allow_unsigned_bundle: bool = False
 
     @property
     def inbox_dir(self) -> Path:
@@ -119,6 +123,10 @@ HELP: dict[str, str] = {
     "min_free_mb": "pause intake while the database or output disk has less free space than this",
     "log_level": "log level",
     "queue_max": "most images in flight between intake and the database (backpressure)",
+    "trusted_keys": "public key files (.pub, PEM Ed25519) whose bundle signatures this device accepts, besides the "
+                    "project's key shipped with the package",
+    "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
+                             "an event at every start)",
 }
 
 
@@ -128,6 +136,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     typ = f.type if isinstance(f.type, str) else str(f.type)
     where = f"{name} (from {source})"
     try:
+        if typ.startswith("tuple[Path"):
+            items = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
+            if not all(isinstance(x, (str, os.PathLike)) and os.fspath(x) for x in items):
+                raise TypeError
+            return tuple(Path(os.path.expanduser(os.fspath(x))) for x in items)
         if "Path" in typ:
             if value in (None, ""):
                 return None
@@ -173,7 +186,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _expected(typ: str) -> str:
-    return {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}.get(
+    return {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+            "tuple[Path, ...]": "a list of paths (comma-separated in the environment)"}.get(
         typ, "a path" if "Path" in typ else "a comma-separated list" if typ.startswith("tuple")
         else "NAME=PROBABILITY pairs" if typ.startswith("dict") else typ)
 

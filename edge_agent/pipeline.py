@@ -32,6 +32,8 @@ from .decode import QualityLimits, Rejected, decode_image
 from .infer import Engine, InferenceError, check_providers
 from .intake import Intake, Vanished, read_file
 from .notify import Notifier
+from .provenance import policy_event, startup_notices
+from .signing import trust_from_settings
 from .store import Reader, Writer, now_iso
 from .triage import Policy, softmax, triage
 
@@ -138,8 +140,9 @@ class Agent:
             raise ConfigError(f"inbox {self.inbox} does not exist or is not a folder: create it or fix --inbox")
         limit_malloc_arenas()
         self._prepare_dirs()
-        self.bundle = load_bundle(s.model_path)
+        self.bundle = load_bundle(s.model_path, trust_from_settings(s))
         self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
+        self.policy_json = self.policy.to_json()
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
         self.store = Writer(s.db_path, self.bundle.labels)
@@ -169,6 +172,10 @@ class Agent:
         self._infer_thread = self._spawn(self._infer_loop, "infer")
         self._event("start", f"{'scan' if self.one_shot else 'run'} pid={os.getpid()} model={self.bundle.model_id} "
                              f"variant={variant}")
+        self._event("policy", policy_event(self.bundle, self.policy))
+        for kind, message in startup_notices(self.bundle, self.policy):
+            log.warning("%s", message)
+            self._event(kind, message)
         self._post_state()
 
     def _prepare_dirs(self) -> None:
@@ -561,6 +568,7 @@ class Agent:
             t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
             row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
                              variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
+                             manifest_sha256=b.manifest_sha256, policy=self.policy_json,
                              spot_checked=i in ref, spot_label=spot_label,
                              latency_ms=round((done - j.cand.dispatched) * 1000, 1))
             j.decoded = None
@@ -607,10 +615,13 @@ class Agent:
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
-               label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float) -> dict[str, Any]:
-    """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark."""
+               label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
+               manifest_sha256: str, policy: str) -> dict[str, Any]:
+    """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
+    manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
     return {
         "sha256": sha256, "processed_at": processed_at, "model_id": model_id, "model_variant": variant,
+        "manifest_sha256": manifest_sha256, "policy": policy,
         "fallback": int(fallback), "label": t.label, "label_name": label_name,
         "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
         "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},

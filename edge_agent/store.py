@@ -30,7 +30,7 @@ from typing import Any
 
 from .bundle import LABEL_RE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLES = ("results", "duplicates", "quarantine")
 FILE_STATES = ("pending", "moved", "deleted", "kept", "missing", "replaced")
 BUSY_TIMEOUT_MS = 10_000
@@ -182,7 +182,19 @@ def _migration_1(db: Any) -> None:
         db[table].create_index(cols, unique=unique, if_not_exists=True)
 
 
-MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1)]
+def _migration_2(db: Any) -> None:
+    """Provenance of each result (provenance.py): `manifest_sha256`, the SHA-256 of the signed manifest.json the
+    result was produced with, and `policy`, the thresholds in force as compact JSON (Policy.to_json). Rows from
+    before this migration keep NULL: what they were produced with was not recorded."""
+    have = {r[1] for r in db.conn.execute("PRAGMA table_info(results)")}
+    if "manifest_sha256" not in have:
+        db.conn.execute("ALTER TABLE results ADD COLUMN manifest_sha256 TEXT")
+    if "policy" not in have:
+        db.conn.execute("ALTER TABLE results ADD COLUMN policy TEXT")
+
+
+MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1),
+                                          (2, "results.manifest_sha256 and results.policy", _migration_2)]
 
 
 def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:

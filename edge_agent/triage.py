@@ -7,6 +7,7 @@ trade missed melanomas for convenience, so it needs an explicit override.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,22 @@ class Policy:
     rules: tuple[Rule, ...]
     low_confidence: float | None  # flag when the top-1 probability is below this
     high_risk_labels: tuple[str, ...]
+    # (name, bundle value, value in force, looser) for each locally overridden threshold
+    overrides: tuple[tuple[str, float, float, bool], ...] = ()
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds in force, by rule name (low_confidence included when the bundle defines it)."""
+        out = {r.name: r.probability for r in self.rules}
+        if self.low_confidence is not None:
+            out["low_confidence"] = self.low_confidence
+        return out
+
+    def to_json(self) -> str:
+        """The policy in force as recorded in every result row (results.policy), compact and canonical:
+        {"thresholds": {rule: p, ...}, "overridden": [rules changed locally], "loosened": [of those, the
+        ones made less strict under threshold_override]}. Query with json_extract(policy, '$.thresholds.melanoma')."""
+        return json.dumps({"thresholds": self.thresholds(), "overridden": [o[0] for o in self.overrides],
+                           "loosened": [o[0] for o in self.overrides if o[3]]}, separators=(",", ":"))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, overrides: dict[str, float] | None = None, allow_looser: bool = False) -> "Policy":
@@ -40,6 +57,7 @@ class Policy:
         overrides = dict(overrides or {})
         rules: list[Rule] = []
         low: float | None = None
+        changed: list[tuple[str, float, float, bool]] = []
         for name, spec in bundle.thresholds.items():
             if "labels" in spec:
                 p = float(spec["probability"])
@@ -50,6 +68,7 @@ class Policy:
                             f"threshold {name}={new} is less strict than the bundle's {p} (fewer images would be flagged "
                             f"{'/'.join(spec['labels'])}); use a value <= {p}, or set threshold_override "
                             "(--threshold-override) if a clinician approved it")
+                    changed.append((name, p, new, new > p))
                     p = new
                 rules.append(Rule(name, tuple(spec["labels"]), p))
             elif name == "low_confidence":
@@ -61,12 +80,13 @@ class Policy:
                             f"threshold low_confidence={new} is less strict than the bundle's {low} (fewer uncertain "
                             f"results would be flagged); use a value >= {low}, or set threshold_override "
                             "(--threshold-override) if a clinician approved it")
+                    changed.append((name, low, new, new < low))
                     low = new
         if overrides:
             known = [n for n, s in bundle.thresholds.items() if "labels" in s or n == "low_confidence"]
             raise ConfigError(f"unknown threshold(s) {sorted(overrides)}: this bundle defines {known}; fix the "
                               "threshold names in the configuration")
-        return cls(bundle.labels, bundle.temperature, tuple(rules), low, bundle.high_risk_labels)
+        return cls(bundle.labels, bundle.temperature, tuple(rules), low, bundle.high_risk_labels, tuple(changed))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -5,11 +5,18 @@ input [batch,3,S,S] -> GlobalAveragePool and GlobalMaxPool -> concat ->
 Gemm -> logits [batch,7], opset 17, dynamic batch, fixed random weights.
 Its answers are meaningless medically but depend on the image, which is all
 the plumbing tests need. `write_manifest` is reusable for any bundle folder.
+
+Bundles are signed (manifest.sig) with a test key generated here, never the
+project's: tests/conftest.py trusts its public key (TEST_PUBLIC_KEY) through
+EDGE_AGENT_TRUSTED_KEYS and the settings it builds. A test about signatures
+passes sign=False or its own key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,42 @@ LABEL_NAMES = {"akiec": "Actinic keratosis / intraepithelial carcinoma", "bcc": 
                "nv": "Melanocytic nevus", "vasc": "Vascular lesion"}
 HIGH_RISK = ["mel", "bcc", "akiec"]
 SIZE = 32
+
+
+def test_signing_key():
+    """The tests' Ed25519 key: derived from a fixed seed, so every test process (and the agent subprocesses
+    they start) agrees on it without sharing files. Trusted only where a test configures it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"edge-derm-screen tests: not a real key").digest())
+
+
+def _write_once(path: Path, data: bytes) -> Path:
+    if not path.exists() or path.read_bytes() != data:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def _test_key_files() -> tuple[Path, Path]:
+    from edge_agent.signing import private_pem, public_pem
+
+    key = test_signing_key()
+    pub = public_pem(key.public_key())
+    stem = Path(tempfile.gettempdir()) / f"edge-derm-test-key-{hashlib.sha256(pub).hexdigest()[:12]}"
+    return _write_once(stem.with_suffix(".key"), private_pem(key)), _write_once(stem.with_suffix(".pub"), pub)
+
+
+TEST_PRIVATE_KEY, TEST_PUBLIC_KEY = _test_key_files()
+
+
+def sign_bundle(bundle: Path, key=None) -> Path:
+    """(Re-)sign `bundle`/manifest.json as it is now, with the test key unless `key` is given."""
+    from edge_agent.signing import sign_bundle as sign
+
+    sign(bundle, key or test_signing_key())
+    return bundle
 
 
 def tiny_classifier(seed: int = 0, size: int = SIZE, n_classes: int = len(LABELS), scale: float = 4.0) -> bytes:
@@ -82,21 +125,30 @@ def default_manifest(size: int = SIZE) -> dict[str, Any]:
     }
 
 
-def write_manifest(bundle: Path, manifest: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+def write_manifest(bundle: Path, manifest: dict[str, Any] | None = None, *, sign: bool = True,
+                   **overrides: Any) -> dict[str, Any]:
     """Write manifest.json with the sha256 of every other file in `bundle` (and a model_id ending in the
-    primary's hash prefix, as build-model does). Returns the manifest."""
+    primary's hash prefix, as build-model does), then sign it with the test key (sign=False: remove any
+    manifest.sig, leaving the bundle unsigned). Returns the manifest."""
     m = dict(manifest or default_manifest())
     m.update(overrides)
-    m["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    primary_file = m["models"].get(m["primary"], {}).get("file")
-    if primary_file in m["files"] and "model_id" not in overrides:
+    m["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir())
+                  if p.is_file() and p.name not in ("manifest.json", "manifest.sig")}
+    models, primary = m.get("models"), m.get("primary")  # tests also write deliberately broken manifests
+    spec = models.get(primary) if isinstance(models, dict) and isinstance(primary, str) else None
+    primary_file = spec.get("file") if isinstance(spec, dict) and isinstance(spec.get("file"), str) else None
+    if primary_file in m["files"] and "model_id" not in overrides and isinstance(m.get("model_id"), str):
         m["model_id"] = m["model_id"].rsplit("-", 1)[0] + "-" + m["files"][primary_file][:8]
     (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
+    if sign:
+        sign_bundle(bundle)
+    else:
+        (bundle / "manifest.sig").unlink(missing_ok=True)
     return m
 
 
 def make_bundle(bundle: Path, *, seed: int = 0, int8_seed: int | None = None, int8_bytes: bytes | None = None,
-                size: int = SIZE, **manifest_overrides: Any) -> Path:
+                size: int = SIZE, sign: bool = True, **manifest_overrides: Any) -> Path:
     """A complete bundle folder: both variants, split.csv, report.md, checksummed manifest.
 
     int8_seed: give the INT8 variant different weights (to provoke spot-check disagreements).
@@ -113,5 +165,5 @@ def make_bundle(bundle: Path, *, seed: int = 0, int8_seed: int | None = None, in
     (bundle / "report.md").write_text("# Test bundle\n\nSynthetic weights; for pipeline tests only.\n")
     m = default_manifest(size)
     m.update(manifest_overrides)
-    write_manifest(bundle, m)
+    write_manifest(bundle, m, sign=sign)
     return bundle

@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bundle_factory import make_bundle  # noqa: E402
+from bundle_factory import TEST_PUBLIC_KEY, make_bundle  # noqa: E402
 from faults import agent_env  # noqa: E402,F401  (one definition, shared with the fault suite)
+
+# Test bundles are signed with the tests' key (bundle_factory): trust it wherever the environment is read
+# (in-process CLI runs, verify_bundle(path) without explicit trust). agent_env() and settings_for() pass it on.
+os.environ["EDGE_AGENT_TRUSTED_KEYS"] = str(TEST_PUBLIC_KEY)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "images"
@@ -70,7 +74,7 @@ def settings_for(dirs: dict[str, Path], bundle: Path, **kw: Any):
     from edge_agent.config import load_settings
 
     flags = {"inbox": dirs["inbox"], "db": dirs["db"], "model": bundle, "workers": 2, "threads": 1,
-             "quiet_seconds": 0.0, "log_level": "WARNING", **kw}
+             "quiet_seconds": 0.0, "log_level": "WARNING", "trusted_keys": (TEST_PUBLIC_KEY,), **kw}
     return load_settings(flags, environ={})
 
 

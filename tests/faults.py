@@ -108,10 +108,14 @@ def sha_file(path: Path) -> str:
 # --- the agent as a subprocess ------------------------------------------------------------
 
 def agent_env(**extra: str) -> dict[str, str]:
-    """Environment for agent subprocesses: no inherited EDGE_AGENT_* or systemd variables."""
+    """Environment for agent subprocesses: no inherited EDGE_AGENT_* or systemd variables, except that the
+    tests' bundle-signing key is trusted (EDGE_AGENT_TRUSTED_KEYS; pass it as '' to trust only the project's)."""
+    from bundle_factory import TEST_PUBLIC_KEY
+
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("EDGE_AGENT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                                              "JOURNAL_STREAM")}
+    env["EDGE_AGENT_TRUSTED_KEYS"] = str(TEST_PUBLIC_KEY)
     env.update(extra)
     return env
 

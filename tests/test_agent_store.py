@@ -26,7 +26,7 @@ def test_new_database_schema_and_permissions(tmp_path: Path) -> None:
     cols = {r[1] for r in rows(db, "PRAGMA table_info(results)")}
     assert {f"p_{x}" for x in LABELS} <= cols and {"sha256", "needs_review", "review_reasons", "model_variant"} <= cols
     assert rows(db, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
-    assert [r["version"] for r in rows(db, "SELECT version FROM schema_version")] == [1]
+    assert [r["version"] for r in rows(db, "SELECT version FROM schema_version")] == list(range(1, SCHEMA_VERSION + 1))
     idx = rows(db, "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'results'")
     assert any("UNIQUE" in (r[0] or "") and "sha256" in r[0] for r in idx)
 
@@ -38,7 +38,7 @@ def test_migration_is_idempotent_and_adds_new_label_columns(tmp_path: Path) -> N
     Writer(db, (*LABELS, "scc")).close()
     cols = [r[1] for r in rows(db, "PRAGMA table_info(results)")]
     assert cols.count("p_mel") == 1 and "p_scc" in cols
-    assert len(rows(db, "SELECT * FROM schema_version")) == 1
+    assert len(rows(db, "SELECT * FROM schema_version")) == SCHEMA_VERSION
 
 
 def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import torch
 from build_model.model import EfficientNetLite0, load_imagenet, padding_check, same_pads
 from edge_agent.bundle import verify_bundle
 from tests.build_fixtures import make_ham
+from tests.bundle_factory import TEST_PRIVATE_KEY
 
 TINY = ["--image-size", "64", "--batch-size", "8", "--threads", "2", "--max-source-side", "80"]
 
@@ -48,7 +49,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = make_ham(root / "ham", lesions_per_class=5, images_per_lesion=2)
     out = root / "bundle"
     r = cli("all", "--data", str(data), "--out", str(out), "--epochs", "1", "--calib-size", "14",
-            "--adaround-iters", "10", *TINY)
+            "--adaround-iters", "10", "--signing-key", str(TEST_PRIVATE_KEY), *TINY)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, root / "bundle.work"
 
@@ -58,7 +59,9 @@ def test_all_writes_a_bundle_the_agent_accepts(built: tuple[Path, Path]) -> None
     rep = verify_bundle(out)
     assert rep.ok, rep.errors
     m = rep.manifest
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "report.md", "split.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.sig", "model.fp32.onnx", "model.int8.onnx",
+                                                     "report.md", "split.csv"]
+    assert rep.signature is not None and rep.signature.valid
     assert m["labels"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert m["primary"] in ("int8", "fp32") and m["gate"]["approved"] == (m["primary"] == "int8")
     assert m["temperature"] > 0 and 0 < m["thresholds"]["melanoma"]["probability"] <= 1

