@@ -9,10 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+from edge_agent.bundle import required_format_version
 from edge_agent.preprocess import Preprocessing
 from edge_agent.signing import SIG_FILE, load_private_key, sign_bundle
 
-FORMAT_VERSION = 1
 LABEL_NAMES = {
     "akiec": "actinic keratosis / intraepithelial carcinoma", "bcc": "basal cell carcinoma",
     "bkl": "benign keratosis-like lesion", "df": "dermatofibroma", "mel": "melanoma",
@@ -35,7 +35,8 @@ def sha256(path: Path) -> str:
 def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_md: str, labels: list[str],
                  pre: Preprocessing, temperature: float, thresholds: dict, gate: dict, primary: str,
                  training: dict, build_command: str, license_text: str, citation: str,
-                 signing_key: Path | None = None) -> dict:
+                 signing_key: Path | None = None, tta: str = "none", arch: str = "lite0",
+                 sources: dict | None = None) -> dict:
     """Copy the artifacts into `out`, write manifest.json last (its presence means the bundle is complete) and,
     with `signing_key`, sign it. Without a key the bundle is unsigned: agents refuse it until it is signed
     (`build-model sign`) or they set allow_unsigned_bundle."""
@@ -55,8 +56,8 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     digests = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.name != "manifest.json"}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "model_id": f"{training.get('dataset_name', 'model')}-lite0-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}",
+        "format_version": required_format_version({"tta": tta}),
+        "model_id": f"{training.get('dataset_name', 'model')}-{arch}-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}",
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "build_command": build_command,
         "labels": labels,
@@ -70,10 +71,12 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
         "primary": primary,
         "fallback": "fp32" if primary == "int8" else None,
         "temperature": temperature,
+        **({"tta": tta} if tta != "none" else {}),
         "thresholds": thresholds,
         "gate": gate,
         "files": digests,
         "training": training,
+        **({"sources": sources} if sources else {}),
         "license": license_text,
         "citation": citation,
     }

@@ -28,22 +28,48 @@ def workdir_for(out: Path, workdir: Path | None) -> Path:
     return workdir or out.with_name(out.name + ".work")
 
 
-def data_and_split(data: Path, out: Path, seed: int):
-    from .data import grouped_split, load_dataset, read_split, write_split
+# Set by the group-level data options of the command being run (see `data_options`).
+_SOURCES: dict = {"label_map": (), "holdout": None}
 
-    ds = load_dataset(data)
+
+def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
+    """Load every --data source; reuse <out>/split.csv or write a new lesion-grouped split per source."""
+    from .data import load_sources, parse_label_maps, read_split, split_sources, write_split
+
+    specs = list(data) if isinstance(data, (tuple, list)) else [data]
+    try:
+        ds = load_sources(specs, parse_label_maps(_SOURCES["label_map"]))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     path = out / "split.csv"
     if path.exists():
         split = read_split(path, ds)
     else:
-        split = grouped_split(ds, seed=seed)
+        try:
+            split = split_sources(ds, seed=seed, holdout=_SOURCES["holdout"])
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
         write_split(path, ds, split)
+    if len(ds.sources) > 1:
+        _log("sources: " + ", ".join(f"{n} ({ds.source_info[n]['images']} images, classes {','.join(ds.source_labels[n])})"
+                                     for n in ds.sources))
     return ds, split
 
 
+def _remember_sources(ctx: click.Context, param: click.Parameter, value):
+    _SOURCES["label_map" if param.name == "label_map" else "holdout"] = value
+    return value
+
+
 common_train = [
-    click.option("--data", type=click.Path(path_type=Path), required=True, help="HAM10000 folder, class-per-subfolder folder, or MedMNIST .npz"),
+    click.option("--data", type=str, multiple=True, required=True,
+                 help="a source: HAM10000-layout folder, class-per-subfolder folder or MedMNIST .npz, optionally "
+                      "named NAME=PATH; repeat for several sources (each split on its own, `source` column in split.csv)"),
+    click.option("--label-map", "label_map", multiple=True, expose_value=False, callback=_remember_sources,
+                 help="SOURCE:FROM=TO[,FROM=TO] renames a source's labels onto the model's classes (repeatable)"),
+    click.option("--holdout-source", "holdout", default=None, expose_value=False, callback=_remember_sources,
+                 help="a source never trained on (split 'holdout'): leave-one-source-out, score it with `evaluate`"),
     click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle folder to write"),
     click.option("--workdir", type=click.Path(path_type=Path), default=None, help="checkpoints and intermediate files (default: <out>.work)"),
     click.option("--seed", type=int, default=0, show_default=True),
@@ -93,7 +119,7 @@ def main() -> None:
 @with_options(common_train)
 @train_options
 @click.option("--no-resume", is_flag=True, help="start over even if a checkpoint exists")
-def train(data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool, **kw) -> None:
+def train(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool, **kw) -> None:
     """Fine-tune EfficientNet-Lite0 (resumes from <workdir>/last.pt)."""
     from .train import train as run
 
@@ -105,14 +131,14 @@ def train(data: Path, out: Path, workdir: Path | None, seed: int, no_resume: boo
     _log(f"best checkpoint: {best}")
 
 
-def _stage_args(data: Path, out: Path, workdir: Path | None, seed: int):
+def _stage_args(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int):
     ds, split = data_and_split(data, out, seed)
     return ds, split, workdir_for(out, workdir)
 
 
 @main.command()
 @with_options(common_train)
-def export(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
+def export(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int) -> None:
     """Export best.pt to ONNX (opset 17, dynamic batch) and check parity with PyTorch."""
     from .stages import export as run
 
@@ -130,7 +156,7 @@ adaround_option = click.option(
 @with_options(common_train)
 @click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True, help="calibration images (training split, stratified)")
 @adaround_option
-def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size: int, adaround_iters: int) -> None:
+def quantize(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, calib_size: int, adaround_iters: int) -> None:
     """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range, and AdaRound, on the validation split."""
     from .stages import quantize_stage
 
@@ -140,7 +166,7 @@ def quantize(data: Path, out: Path, workdir: Path | None, seed: int, calib_size:
 
 @main.command()
 @with_options(common_train)
-def validate(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
+def validate(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int) -> None:
     """Gate INT8 against FP32 on the test split; fit temperature and review thresholds on validation."""
     from .stages import validate as run
 
@@ -151,7 +177,7 @@ def validate(data: Path, out: Path, workdir: Path | None, seed: int) -> None:
 @main.command()
 @with_options(common_train)
 @signing_key_option
-def bundle(data: Path, out: Path, workdir: Path | None, seed: int, signing_key: Path | None) -> None:
+def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, signing_key: Path | None) -> None:
     """Write the bundle folder (ONNX files, split, report.md, manifest.json, manifest.sig) and verify it."""
     from .stages import bundle as run
 
@@ -173,7 +199,7 @@ def bundle(data: Path, out: Path, workdir: Path | None, seed: int, signing_key: 
 @adaround_option
 @signing_key_option
 @click.pass_context
-def all(ctx: click.Context, data: Path, out: Path, workdir: Path | None, seed: int, no_resume: bool,
+def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
         calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
@@ -315,6 +341,52 @@ def sign(bundle_dir: Path, key_path: Path) -> None:
     kid = sign_bundle(bundle_dir, key)
     _log(f"signed {bundle_dir / 'manifest.json'} with {kid}")
     _verify_or_exit(bundle_dir, signing_key=key_path, require_signature=True)
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="bundle folder (default: the agent's bundled model)")
+@click.option("--data", type=str, multiple=True, required=True,
+              help="labelled images in any supported layout, NAME=PATH or PATH; repeat for several sources")
+@click.option("--label-map", "label_map", multiple=True, help="SOURCE:FROM=TO[,FROM=TO] (repeatable)")
+@click.option("--split", "split_csv", type=click.Path(path_type=Path, exists=True), default=None,
+              help="a split.csv (e.g. the bundle's) to score only the images of --subset")
+@click.option("--subset", default=None, help="with --split: train, val, test or holdout")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder for evaluation.md, evaluation.json and one PNG per source (ROC and reliability)")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--bootstrap", "reps", type=int, default=1000, show_default=True, help="bootstrap resamples for the 95% intervals")
+def evaluate(bundle_dir: Path | None, data: tuple[str, ...], label_map: tuple[str, ...], split_csv: Path | None,
+             subset: str | None, out: Path | None, threads: int, reps: int) -> None:
+    """Score a bundle as the agent runs it (its decoder, preprocessing, primary model, temperature,
+    thresholds) on labelled folders, per source, each on the classes it labels."""
+    from edge_agent.bundle import BundleError, default_bundle_path
+
+    from .data import load_sources, parse_label_maps
+    from .evaluate import evaluate_bundle, plot, render_markdown
+
+    if (split_csv is None) != (subset is None):
+        raise click.UsageError("--split and --subset go together (e.g. --split BUNDLE/split.csv --subset test)")
+    try:
+        parse_label_maps(label_map)
+        specs = list(data)
+        if label_map:  # validate the mapping (and name the culprit) before any image is decoded
+            load_sources(specs, parse_label_maps(label_map))
+        res = evaluate_bundle(bundle_dir or default_bundle_path(), specs, split_csv, subset, threads, reps, log=_log,
+                              label_maps=parse_label_maps(label_map))
+    except (ValueError, FileNotFoundError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    md = render_markdown(res)
+    click.echo(md)
+    if out:
+        import json as _json
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.md").write_text(md)
+        (out / "evaluation.json").write_text(_json.dumps(res, indent=1, default=float))
+        for p in plot(res, out):
+            _log(f"wrote {p}")
+        _log(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
 
 
 @main.command()

@@ -133,14 +133,14 @@ def screen_images(bundle_dir, paths: list, threads: int = 2, batch: int = 32):
 
 
 def evaluate_bundle(bundle_dir, specs: list[str], split_csv=None, subset: str | None = None,
-                    threads: int = 2, reps: int = BOOTSTRAP, log=print) -> dict:
+                    threads: int = 2, reps: int = BOOTSTRAP, log=print, label_maps: dict | None = None) -> dict:
     """Per source: the metrics of `evaluate_source` at the bundle's thresholds, plus the curves' data."""
     import csv
     from pathlib import Path
 
     from .data import load_sources
 
-    ds = load_sources(specs)
+    ds = load_sources(specs, label_maps)
     idx = np.arange(len(ds))
     if split_csv is not None and subset:
         rows = {(r.get("source") or "", r["image_id"]): r["split"] for r in csv.DictReader(open(split_csv, newline=""))}

@@ -96,13 +96,14 @@ def masked_cross_entropy(logits: "torch.Tensor", y: "torch.Tensor", allowed: "to
     """
     logits = logits.float().masked_fill(~allowed, -1e4)
     logp = F.log_softmax(logits, dim=1)
-    nll = -logp.gather(1, y[:, None]).squeeze(1)
-    if label_smoothing:
-        n_allowed = allowed.sum(1).clamp(min=1)
-        smooth = -(logp * allowed).sum(1) / n_allowed
-        nll = (1 - label_smoothing) * nll + label_smoothing * smooth
-    w = weight[y] if weight is not None else torch.ones_like(nll)
-    return (w * nll).sum() / w.sum()
+    w = weight if weight is not None else torch.ones(logits.shape[1], device=logits.device)
+    wy = w[y]
+    nll = -(logp.gather(1, y[:, None]).squeeze(1)) * wy
+    loss = nll.sum() / wy.sum()
+    if label_smoothing:  # PyTorch's definition, with the class count and sum restricted to the allowed classes
+        smooth = -(logp * w * allowed).sum(1) / allowed.sum(1).clamp(min=1)
+        loss = (1 - label_smoothing) * loss + label_smoothing * smooth.sum() / wy.sum()
+    return loss
 
 
 class Augmented(torch.utils.data.Dataset):

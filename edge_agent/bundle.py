@@ -33,7 +33,12 @@ if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV and signing the
     from .preprocess import Preprocessing
     from .signing import SignatureCheck, Trust
 
-FORMAT_VERSION = 1
+# Version 2 adds the optional `tta` (test-time augmentation) key. A bundle declares the lowest
+# version whose features it uses (`required_format_version`), so bundles without TTA stay
+# version 1 and keep running on older agents, and an older agent refuses a TTA bundle instead
+# of silently computing other numbers than the bundle's report.
+FORMAT_VERSION = 2
+TTA_MODES = ("none", "hflip")
 MANIFEST = "manifest.json"
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -249,10 +254,21 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
             rep.warnings.append(f"{name} is not part of the bundle; the evaluation it documents cannot be checked")
 
 
+def required_format_version(manifest: dict[str, Any]) -> int:
+    """The lowest format version that has every feature this manifest uses (the builder writes this)."""
+    return 2 if manifest.get("tta", "none") != "none" else 1
+
+
 def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
     """Every field the agent uses, with its type: a manifest is data from a file, and a wrong type must be a
     clear refusal here, never an exception later (in `model info`, at load, or mid-scan)."""
     err = rep.errors.append
+    if "tta" in m:
+        if m["tta"] not in TTA_MODES:
+            err(f"manifest key 'tta' is {m['tta']!r}; this agent knows {list(TTA_MODES)}: upgrade edge-agent or rebuild the bundle")
+        elif m.get("format_version", 1) < required_format_version(m):
+            err(f"manifest uses test-time augmentation ({m['tta']!r}) but declares format_version "
+                f"{m.get('format_version')}; older agents would ignore it: rebuild the bundle with a current build-model")
     for key, typ in (("model_id", str), ("labels", list), ("high_risk_labels", list), ("preprocessing", dict),
                      ("input", dict), ("output", dict), ("models", dict), ("primary", str), ("thresholds", dict)):
         if not isinstance(m.get(key), typ):
@@ -425,6 +441,7 @@ class Bundle:
     file_hashes: dict[str, str]
     manifest_sha256: str = ""  # sha256 of the manifest bytes that were verified and parsed (in every result row)
     signature: SignatureCheck | None = None  # how the manifest's signature was accepted (valid, or allowed unsigned)
+    tta: str = "none"  # "hflip": logits are the mean over the image and its mirror image
 
     @property
     def input_size(self) -> int:
@@ -460,6 +477,7 @@ def load_bundle(path: str | Path, trust: Trust | None = None) -> Bundle:
         input_name=m["input"]["name"],
         output_name=m["output"]["name"],
         temperature=float(m.get("temperature", 1.0)),
+        tta=str(m.get("tta", "none")),
         thresholds=m["thresholds"],
         primary=m["primary"],
         fallback=m.get("fallback"),

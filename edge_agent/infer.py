@@ -114,6 +114,14 @@ class Engine:
                                  "rebuild or re-copy the bundle") from e
 
     def _run(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+        if self.bundle.tta == "hflip":
+            # One batch of 2N (image and mirror image), then the mean of the two logits per image:
+            # the arithmetic the build evaluated and calibrated (build_model/train.predict_logits).
+            both = self._run_once(sess, np.ascontiguousarray(np.concatenate([x, x[..., ::-1]])))
+            return (both[:len(x)] + both[len(x):]) / 2
+        return self._run_once(sess, x)
+
+    def _run_once(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
         out = sess.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
         out = np.asarray(out)
         if out.shape != (x.shape[0], len(self.bundle.labels)):

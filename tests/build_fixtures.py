@@ -70,3 +70,24 @@ def make_npz(path: Path, per_split: int = 14, seed: int = 0) -> Path:
         data[f"{s}_labels"] = ys.reshape(-1, 1)
     np.savez(path, **data)
     return path
+
+
+def make_isic_like(root: Path, lesions_per_class: int = 6, seed: int = 5, classes: tuple[str, ...] = ("bkl", "mel", "nv"),
+                   rename: dict[str, str] | None = None) -> Path:
+    """A second source in the HAM10000 layout that labels only some classes (like ISIC 2017), square images;
+    `rename` writes other label names (e.g. melanoma for mel) to exercise --label-map."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, dx in enumerate(LABELS):
+        if dx not in classes:
+            continue
+        for lesion in range(lesions_per_class):
+            iid = f"ISIC17_{k}{lesion:04d}"
+            cv2.imwrite(str(root / "images" / f"{iid}.jpg"), lesion_image(k, rng, (64, 64)))
+            rows.append({"image_id": iid, "dx": (rename or {}).get(dx, dx), "lesion_id": iid, "age": "40", "sex": "male"})
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root

@@ -103,7 +103,7 @@ def newer_format(root: Path) -> Path:
     b = make_bundle(root / "b")
     m = _manifest(b)
     m.pop("files")
-    write_manifest(b, m, format_version=2, model_id=m["model_id"])
+    write_manifest(b, m, format_version=99, model_id=m["model_id"])
     return b
 
 
@@ -133,7 +133,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], int, tuple[str, ...], str | None]
     "checksum_mismatch_tampered": (tampered_after_build, 2, ("does not match its sha256", "do not run this one"),
                                    None),
     "fallback_file_tampered": (tampered_fp32_only, 2, ("model.fp32.onnx does not match its sha256",), None),
-    "newer_format_version": (newer_format, 2, ("format_version 2 is newer than this agent understands",), None),
+    "newer_format_version": (newer_format, 2, ("format_version 99 is newer than this agent understands",), None),
     "corrupt_int8_fp32_fallback": (garbage_int8_with_fallback, 0, (), "fp32"),
     "int8_fails_to_load_fp32_fallback": (unloadable_int8_with_fallback, 0, (), "fp32"),
     "int8_fails_to_load_no_fallback": (unloadable_int8_no_fallback, 3, ("cannot be loaded", "allows no fallback"),
