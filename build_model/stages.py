@@ -203,8 +203,9 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
         t = fit_temperature(v_logits, yv)
         calib = calibration_report(v_logits, yv, t)
         calib["test_ece_before"], calib["test_ece_after"] = ece(softmax(t_logits), yt), ece(softmax(t_logits, t), yt)
-        thresholds = choose_thresholds(softmax(v_logits, t), yv, labels, [k for k in HIGH_RISK if k in labels])
-        apply_thresholds(thresholds, softmax(t_logits, t), yt, labels, "test")
+        thresholds = choose_thresholds(softmax(v_logits, t), yv, labels, [k for k in HIGH_RISK if k in labels],
+                                       sources=[ds.source_of[i] for i in va])
+        apply_thresholds(thresholds, softmax(t_logits, t), yt, labels, "test", sources=[ds.source_of[i] for i in te])
         thresholds["low_confidence"] = {"top1_probability": LOW_CONFIDENCE}
         # Side by side with the shipped temperature; the melanoma drop is also judged at the review threshold.
         cmp = gate_mod.compare(f_test, q_test, yt, labels, t, thresholds.get("melanoma", {}).get("probability"))

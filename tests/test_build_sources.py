@@ -89,3 +89,24 @@ def test_source_power_balances_how_often_each_source_is_drawn() -> None:
     balanced = epoch_order(y, 7, TrainConfig(source_power=1.0, sampling_power=0.0), 0, src)
     assert (natural >= 900).mean() < 0.15
     assert 0.4 < (balanced >= 900).mean() < 0.6
+
+
+def test_thresholds_hold_their_sensitivity_in_each_source() -> None:
+    """Pooled, the big source sets the threshold and the small one misses positives; per source, both reach it."""
+    from build_model.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    labels = ["mel", "nv"]
+    # big source: melanomas score high; small source: melanomas score lower (another camera)
+    big_pos, big_neg = rng.uniform(0.5, 1.0, 200), rng.uniform(0.0, 0.5, 800)
+    small_pos, small_neg = rng.uniform(0.2, 0.6, 40), rng.uniform(0.0, 0.3, 160)
+    p_mel = np.concatenate([big_pos, big_neg, small_pos, small_neg])
+    prob = np.stack([p_mel, 1 - p_mel], 1)
+    y = np.array([0] * 200 + [1] * 800 + [0] * 40 + [1] * 160)
+    src = ["big"] * 1000 + ["small"] * 200
+    pooled = choose_thresholds(prob, y, labels, ["mel"])["melanoma"]
+    per = choose_thresholds(prob, y, labels, ["mel"], sources=src)["melanoma"]
+    small = slice(1000, 1040)
+    assert (p_mel[small] >= pooled["probability"]).mean() < 0.9
+    assert (p_mel[small] >= per["probability"]).mean() >= 0.95 and (p_mel[:200] >= per["probability"]).mean() >= 0.95
+    assert per["val_by_source"]["small"]["sensitivity"] >= 0.95 and set(per["per_source_thresholds"]) == {"big", "small"}
