@@ -20,8 +20,15 @@ LABEL_NAMES = {
 }
 HIGH_RISK = ["mel", "bcc", "akiec"]
 HAM_LICENSE = "CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial 4.0 International), inherited from the HAM10000 training data"
+CITATIONS = {}  # per training source, filled below
 HAM_CITATION = ("Tschandl, P., Rosendahl, C. & Kittler, H. The HAM10000 dataset, a large collection of multi-source "
                 "dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018). doi:10.1038/sdata.2018.161")
+CITATIONS.update({
+    "ham10000": HAM_CITATION,
+    "isic2017": "Codella N. et al. Skin lesion analysis toward melanoma detection: a challenge at the 2017 International "
+                "Symposium on Biomedical Imaging (ISBI), hosted by the International Skin Imaging Collaboration (ISIC). "
+                "ISBI 2018, arXiv:1710.05006.",
+})
 
 
 def sha256(path: Path) -> str:

@@ -164,14 +164,20 @@ def quantize(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, 
     quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
 
 
+tta_option = click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True,
+                          help="test-time augmentation the bundle asks the agent for (hflip: mean of the image and its "
+                               "mirror; twice the inference cost); the gate, temperature and thresholds use it too")
+
+
 @main.command()
 @with_options(common_train)
-def validate(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int) -> None:
+@tta_option
+def validate(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, tta: str) -> None:
     """Gate INT8 against FP32 on the test split; fit temperature and review thresholds on validation."""
     from .stages import validate as run
 
     ds, split, work = _stage_args(data, out, workdir, seed)
-    run(ds, split, work, _log, seed)
+    run(ds, split, work, _log, seed, tta=tta)
 
 
 @main.command()
@@ -198,9 +204,11 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
 @click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
 @adaround_option
 @signing_key_option
+@tta_option
 @click.pass_context
 def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
-        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, **kw) -> None:
+        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, tta: str,
+        **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
@@ -225,7 +233,7 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
         run_train(ds, split, work, qcfg, pre, resume=not no_resume, log=_log)
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
-    stages.validate(ds, split, work, _log, seed)
+    stages.validate(ds, split, work, _log, seed, tta=tta)
     stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
     _verify_or_exit(out, signing_key=signing_key)
 

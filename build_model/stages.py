@@ -141,14 +141,23 @@ def _adaround(ds: Dataset, split: np.ndarray, work: Path, log: Log, pre: Preproc
     return {"iters": iters, "images": int(len(fit)), "seconds": round(time.time() - t0, 1), "layers": layers}
 
 
-def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0) -> dict:
-    """Gate on the test split with fallbacks; then fit temperature and thresholds for the primary variant."""
+def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0, tta: str = "none") -> dict:
+    """Gate on the test split with fallbacks; then fit temperature and thresholds for the primary variant.
+
+    With `tta="hflip"` every model is judged, calibrated and thresholded on the mean of the image's
+    and its mirror image's logits, which is what the agent computes for such a bundle.
+    """
     pre, _ = checkpoint_pre(work)
     quant = _read(work / "quantize.json")
     te, va = np.flatnonzero(split == "test"), np.flatnonzero(split == "val")
     xt, yt, yv = tensors(ds, te, pre), ds.y[te], ds.y[va]
+
+    def run_onnx(sess, x: np.ndarray) -> np.ndarray:
+        return run_tta(sess, x, tta)
+
     f_test = run_onnx(session(work / "model.fp32.onnx"), xt)
-    f_val = np.load(work / "logits.fp32.val.npy")
+    f_val = np.load(work / "logits.fp32.val.npy") if tta == "none" else \
+        run_onnx(session(work / "model.fp32.onnx"), tensors(ds, va, pre))
     labels = ds.labels
     tried: list[str] = []
 
@@ -225,12 +234,37 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
             "mel_sensitivity_at_threshold": cmp.get("mel_sensitivity_at_threshold"),
             "test": {v: {k: cmp[v][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc")} |
                      {"mel_sensitivity": cmp[v]["per_class"].get("mel", {}).get("sensitivity")} for v in ("fp32", "int8")}}
-    result = {"gate": gate, "primary": primary, **fin}
+    result = {"gate": gate, "primary": primary, "tta": tta, **fin}
     _write(work / "validate.json", result)
     log(f"validate: primary {primary}; T={fin['temperature']:.3f}; thresholds " +
         ", ".join(f"{k} {v['probability']:.4f} (test sens {v.get('test_sensitivity', 0):.3f} spec {v.get('test_specificity', 0):.3f})"
                   for k, v in fin["thresholds"].items() if "labels" in v))
     return result
+
+
+def run_tta(sess, x: np.ndarray, tta: str = "none") -> np.ndarray:
+    """`export.run_onnx`, averaged with the mirror image's logits for a flip-TTA bundle (as edge_agent.infer does)."""
+    from .export import run_onnx as plain
+
+    if tta == "none":
+        return plain(sess, x)
+    if tta != "hflip":
+        raise ValueError(f"unknown test-time augmentation {tta!r}: none or hflip")
+    return (plain(sess, x) + plain(sess, np.ascontiguousarray(x[..., ::-1]))) / 2
+
+
+def license_and_citation(ds: Dataset) -> tuple[str, str]:
+    """Every training source's licence terms and citation; unknown sources are named, not guessed."""
+    from .bundle import CITATIONS, HAM_LICENSE
+
+    if len(ds.sources) == 1 and (ds.layout == "ham10000" or "derma" in Path(ds.source).name.lower()):
+        return HAM_LICENSE, CITATIONS["ham10000"]
+    if set(ds.sources) <= set(CITATIONS):
+        lic = ("CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial 4.0 International), inherited from the "
+               "training data: " + ", ".join(ds.sources) + " (non-commercial use only)")
+        return lic, " | ".join(CITATIONS[s] for s in ds.sources)
+    return ("inherits the licenses of the training data: " + ", ".join(ds.source_info[s]["path"] for s in ds.sources),
+            "see the training data's own citations")
 
 
 def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> dict:
@@ -239,7 +273,10 @@ def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> di
     last = torch.load(work / "last.pt", map_location="cpu", weights_only=False) if (work / "last.pt").exists() else {}
     state = last.get("state", {})
     return {
-        "dataset_name": "ham10000" if ds.layout == "ham10000" else Path(ds.source).stem,
+        "dataset_name": "ham10000" if ds.layout == "ham10000" else Path(ds.source).stem if len(ds.sources) == 1 else "+".join(ds.sources),
+        "sources": {n: ds.source_info[n] | {"labels": ds.source_labels[n], "counts": {
+            s: ds.class_counts(np.flatnonzero((split == s) & (np.array(ds.source_of) == n))) for s in ("train", "val", "test", "holdout")}}
+            for n in ds.sources},
         "source": Path(ds.source).name, "layout": ds.layout, "images": len(ds),
         "groups": len(set(ds.groups)), "seed": ck["config"]["seed"],
         "counts": {s: ds.class_counts(np.flatnonzero(split == s)) for s in ("train", "val", "test")},
@@ -250,16 +287,15 @@ def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> di
 
 def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log,
            signing_key: Path | None = None) -> dict:
-    from .bundle import HAM_CITATION, HAM_LICENSE, write_bundle
+    from .bundle import write_bundle
     from .report import render
 
     pre, ck = checkpoint_pre(work)
     val, quant, par = _read(work / "validate.json"), _read(work / "quantize.json"), _read(work / "export.json")
     training = training_summary(ds, split, ck, work)
-    is_ham = ds.layout == "ham10000" or "derma" in Path(ds.source).name.lower()
-    license_text = HAM_LICENSE if is_ham else "inherits the license of the training data: " + ds.source
-    citation = HAM_CITATION if is_ham else "see the training data's own citation"
-    md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-Lite0 {pre.input_size}px", labels=ds.labels,
+    license_text, citation = license_and_citation(ds)
+    arch = ck["config"].get("arch", "lite0")
+    md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-{arch.title()} {pre.input_size}px", labels=ds.labels,
                 cmp=val["comparison"], gate=val["gate"], thresholds=val["thresholds"], calib=val["calibration"],
                 quant=quant, parity=par, padding=training["padding_check"], training=training,
                 primary=val["primary"], citation=citation, license_text=license_text)
@@ -269,7 +305,10 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
                             report_md=md, labels=ds.labels, pre=pre, temperature=val["temperature"],
                             thresholds=val["thresholds"], gate=val["gate"] | {"calibration": val["calibration"]},
                             primary=val["primary"], training=training, build_command=build_command,
-                            license_text=license_text, citation=citation, signing_key=signing_key)
+                            license_text=license_text, citation=citation, signing_key=signing_key,
+                            tta=val.get("tta", "none"), arch=arch,
+                            sources={n: {k: v for k, v in ds.source_info[n].items() if k != "path"} |
+                                     {"labels": ds.source_labels[n]} for n in ds.sources} if len(ds.sources) > 1 else None)
     log(f"bundle: {out} ({manifest['model_id']}, primary {manifest['primary']}, "
         f"{'signed with ' + str(signing_key) if signing_key else 'UNSIGNED'})")
     return manifest
