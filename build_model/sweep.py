@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-final-epochs", type=int, default=4)
     ap.add_argument("--split-check", type=Path, default=None, help="a split.csv the split must reproduce")
     ap.add_argument("--export", type=Path, default=None, help="copy sweep.json, the log and the final checkpoints (float16) here")
+    if argv and argv[0] == "table":  # python -m build_model.sweep table SWEEP.json [...]
+        for path in argv[1:]:
+            print(ablation_markdown(json.loads(Path(path).read_text())))
+        return
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     logf = open(a.out / "sweep.log", "a")
@@ -302,6 +306,54 @@ def main(argv: list[str] | None = None) -> None:
         sw.go(a.abl_epochs, a.final_epochs, a.min_final_epochs)
     finally:
         sw.save()
+
+
+def _ci(v: dict, key: str) -> str:
+    x, ci = v.get(key), v.get(key + "_ci")
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "n/a"
+    return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{x:.3f}"
+
+
+def ablation_markdown(results: dict) -> str:
+    """The sweep as tables: out-of-source steps, the two finals, each with bootstrap 95% intervals."""
+    ho = results["holdout"]
+    lines = [f"Held-out source: **{ho}** ({results['holdout_images']['all']} images; the steps were chosen on its "
+             f"{results['holdout_images']['select']} train+val images, its {results['holdout_images']['clean']} test "
+             "images chose nothing). Numbers are FP32 PyTorch, thresholds and temperature fitted on the training "
+             "sources' validation split at 95% target sensitivity.", "",
+             f"| step | kept | arch / px / epochs | {ho} melanoma AUC (all) | {ho} melanoma AUC (test part) | "
+             f"{ho} balanced accuracy (3 classes) | {ho} melanoma flag sensitivity | {ho} benign unflagged | "
+             "in-source val balanced accuracy | + flip TTA: melanoma AUC (all) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if r.get("skipped") or r.get("failed"):
+            why = "skipped: did not fit the time budget" if r.get("skipped") else f"failed: {r['failed']}"
+            lines.append(f"| {r['name']} | {why} | | | | | | | | |")
+            continue
+        e, t = r["eval_none"], r["eval_hflip"]
+        if f"{ho}-all" not in e:
+            continue
+        a, c = e[f"{ho}-all"], e[f"{ho}-clean"]
+        cfg = r["config"]
+        kept = "final (full schedule)" if r.get("final") else ("yes" if r.get("kept") else "no")
+        lines.append(f"| {r['name']} | {kept} | {cfg['arch']} / {cfg['image_size']} / {cfg['epochs']} | {_ci(a, 'mel_auc')} | "
+                     f"{_ci(c, 'mel_auc')} | {_ci(a, 'balanced_accuracy')} | "
+                     f"{a['flag_rules']['melanoma']['sensitivity']:.3f} | {_ci(a, 'benign_unflagged')} | "
+                     f"{e['val']['balanced_accuracy']:.3f} | {t[f'{ho}-all']['mel_auc']:.3f} |")
+    both = [r for r in results["runs"] if not r.get("skipped") and not r.get("failed") and f"{ho}-test" in r.get("eval_none", {})]
+    if both:
+        lines += ["", "Trained on both sources (in source: each source's own lesion-grouped test split):", "",
+                  "| run | epochs | source | melanoma AUC | balanced accuracy | melanoma flag sensitivity | benign unflagged | + flip TTA: melanoma AUC / balanced accuracy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in both:
+            for key, v in r["eval_none"].items():
+                if key.endswith("-test"):
+                    t = r["eval_hflip"][key]
+                    lines.append(f"| {r['name']} | {r['config']['epochs']} | {key[:-5]} | {_ci(v, 'mel_auc')} | {_ci(v, 'balanced_accuracy')} | "
+                                 f"{v['flag_rules']['melanoma']['sensitivity']:.3f} | {_ci(v, 'benign_unflagged')} | "
+                                 f"{t['mel_auc']:.3f} / {t['balanced_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
