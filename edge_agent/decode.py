@@ -426,7 +426,6 @@ def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
 def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: QualityLimits) -> Decoded:
     """The whole check: header, size limit, completeness, reduced decode, quality, preprocessing."""
     header = read_header(data)
-    check_structure(data, header.format)
     if header.width * header.height > max_pixels:
         raise Rejected("too_many_pixels", f"image declares {header.width}x{header.height} = "
                        f"{header.width * header.height / 1e6:.0f} megapixels, above the limit of {max_pixels / 1e6:.0f} "
@@ -434,6 +433,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
     if min(header.width, header.height) < MIN_SIDE:
         raise Rejected("too_small", f"image is only {header.width}x{header.height} pixels, too small to screen "
                        f"(needs at least {MIN_SIDE} on each side); send the original photo")
+    check_structure(data, header.format)  # before any decoder follows it (containers.py)
     check_complete(data, header)
     frames = count_frames(data, header)
     if frames > 1:

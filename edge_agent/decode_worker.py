@@ -33,6 +33,7 @@ measured with `scripts/decode_throughput.py`; see docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -328,6 +329,9 @@ def _limit_memory(budget: int) -> tuple[bool, str, int]:
 
     try:
         ceiling = _vm_size() + budget
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            ceiling = min(ceiling, hard)  # started under a lower limit already: keep it
         resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
         return True, "", ceiling
     except (OSError, ValueError) as e:
@@ -391,7 +395,10 @@ def main(config_json: str) -> None:
         try:
             meta = json.loads(rx.recv_bytes(MAX_META))
             data = rx.recv_bytes()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the agent closed our input: a clean stop, nothing on the table
+            if journal_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{cfg['journal']}.{int(cfg['slot'])}")
             return
         if journal_fd >= 0:
             entry = (json.dumps({"sha256": meta.get("sha256", ""), "name": meta.get("name", "")}) + "\n").encode()
