@@ -63,8 +63,17 @@ MARGIN_BYTES = 64 << 20
 MAX_META = 1 << 20
 PIPE_BYTES = 1 << 20
 ATTEMPTS = 2  # a worker death is retried once in a fresh worker before the file is blamed
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from edge_agent.decode_worker import main; "
+# The worker gets the agent's module search path verbatim: it imports the same edge_agent, numpy and OpenCV
+# even when started through /proc/self/exe (see _interpreters), which knows nothing of the virtualenv.
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); from edge_agent.decode_worker import main; "
          "main(sys.argv[2])")
+
+
+def _interpreters() -> list[str]:
+    """The agent's own interpreter: by its name, and by /proc/self/exe, which still works where a folder on the
+    name's path is not searchable for the service user (a virtualenv whose base Python lives in a private
+    home) - the kernel opens the running binary directly."""
+    return [sys.executable, "/proc/self/exe"] if os.path.exists("/proc/self/exe") else [sys.executable]
 
 
 class DecoderUnavailable(RuntimeError):
@@ -124,14 +133,21 @@ class DecodeWorker:
         env = dict(os.environ)
         runtime_env.apply(env, self.max_pixels)
         env["MALLOC_ARENA_MAX"] = "2"  # a few threads; arenas per thread would only inflate the address space
-        pkg_parent = str(Path(__file__).resolve().parent.parent)
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, pkg_parent, json.dumps(self.config)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-                                         start_new_session=True)  # a terminal's Ctrl-C is for the agent
-        except OSError as e:
-            raise DecoderUnavailable(f"cannot start the decoder process ({e.strerror or e}); check that "
-                                     f"{sys.executable} can run and that the service may create processes") from None
+        paths = json.dumps([str(Path(__file__).resolve().parent.parent), *sys.path])
+        err: OSError | None = None
+        for exe in _interpreters():
+            try:
+                self.proc = subprocess.Popen([exe, "-c", _BOOT, paths, json.dumps(self.config)],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+                                             start_new_session=True)  # a terminal's Ctrl-C is for the agent
+                break
+            except OSError as e:
+                err = e
+        else:
+            assert err is not None
+            raise DecoderUnavailable(f"cannot start the decoder process ({err.strerror or err}: {err.filename}); "
+                                     f"check that {sys.executable} can run and that the service may create "
+                                     "processes") from None
         assert self.proc.stdin is not None and self.proc.stdout is not None
         _widen_pipe(self.proc.stdin.fileno())
         _widen_pipe(self.proc.stdout.fileno())

@@ -161,10 +161,9 @@ def test_sql_is_built_only_with_parameters() -> None:
 
 
 def _is_decode_worker_start(path: Path, call: ast.Call) -> bool:
-    """The one process the agent starts: its own decode worker, `sys.executable` with a fixed argv list."""
+    """The one process the agent starts: its own decode worker (its own interpreter, an argv list, no shell)."""
     return (path.name == "decode_worker.py" and ast.unparse(call.func) == "subprocess.Popen" and bool(call.args)
-            and isinstance(call.args[0], ast.List) and bool(call.args[0].elts)
-            and ast.unparse(call.args[0].elts[0]) == "sys.executable")
+            and isinstance(call.args[0], ast.List) and [ast.unparse(e) for e in call.args[0].elts[1:3]] == ["'-c'", "_BOOT"])
 
 
 def test_no_shell_no_eval_and_no_format_strings_from_data() -> None:
