@@ -404,8 +404,11 @@ def main(config_json: str) -> None:
     if cfg.get("journal"):
         journal_fd = os.open(f"{cfg['journal']}.{int(cfg['slot'])}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.ftruncate(journal_fd, 0)
-    tx.send_bytes(json.dumps({"ready": True, "pid": os.getpid(), "limited": limited, "limit_error": why,
-                              "ceiling": ceiling}).encode())
+    try:
+        tx.send_bytes(json.dumps({"ready": True, "pid": os.getpid(), "limited": limited, "limit_error": why,
+                                  "ceiling": ceiling}).encode())
+    except OSError:  # the agent stopped before we were ready (e.g. its model failed to load): nothing to do
+        return
     hits = [0]
     while True:
         try:
