@@ -6,7 +6,9 @@
 Images are the example dermoscopy photos resized to each size and JPEG-encoded
 (distinct content per image); `--threads` threads decode them, as the agent's
 prep threads do, either directly or through a DecodePool with as many workers.
-Prints images/s for each path and size.
+Prints images/s and CPU ms per image (this process plus the workers, from
+/proc) for each path and size; the CPU figure is the one to compare on a busy
+machine.
 """
 from __future__ import annotations
 
@@ -37,7 +39,21 @@ def images(size: tuple[int, int], n: int) -> list[bytes]:
     return out
 
 
-def run(fn, datas: list[bytes], threads: int) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process and of the given (live) children."""
+    import os
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    total = r.ru_utime + r.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def run(fn, datas: list[bytes], threads: int, pids: list[int]) -> tuple[float, float]:
     it = iter(range(len(datas)))
     lock = threading.Lock()
 
@@ -50,12 +66,14 @@ def run(fn, datas: list[bytes], threads: int) -> float:
             fn(datas[i])
 
     ts = [threading.Thread(target=work) for _ in range(threads)]
+    c0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    return len(datas) / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return len(datas) / wall, (cpu_seconds(pids) - c0) * 1000 / len(datas)
 
 
 def main() -> None:
@@ -69,15 +87,18 @@ def main() -> None:
     pool = DecodePool(a.threads, pre, 64_000_000, limits, 100 << 20)
     pool.start()
     t0 = time.perf_counter()
-    pool.decode(images((64, 48), 1)[0])  # waits for one worker to be ready
-    print(f"worker start-up (first decode through the pool): {time.perf_counter() - t0:.2f} s")
+    for _ in range(a.threads):
+        pool.decode(images((64, 48), 1)[0])  # waits for the workers to be ready
+    print(f"worker start-up (first decodes through the pool): {time.perf_counter() - t0:.2f} s")
+    pids = [w.proc.pid for w in pool.workers if w.proc is not None]
     for spec in a.sizes.split(","):
         w, h = (int(x) for x in spec.split("x"))
         datas = images((w, h), a.count)
-        inproc = run(lambda d: decode_image(d, pre, 64_000_000, limits), datas, a.threads)
-        pooled = run(lambda d: pool.decode(d), datas, a.threads)
-        print(f"{w}x{h}: in-process {inproc:.1f} images/s, worker pool {pooled:.1f} images/s "
-              f"({(pooled / inproc - 1) * 100:+.0f}%), {a.threads} threads/workers, {a.count} JPEGs")
+        inproc, inproc_cpu = run(lambda d: decode_image(d, pre, 64_000_000, limits), datas, a.threads, [])
+        pooled, pooled_cpu = run(lambda d: pool.decode(d), datas, a.threads, pids)
+        print(f"{w}x{h}: in-process {inproc:.1f} images/s ({inproc_cpu:.2f} CPU ms/img), worker pool "
+              f"{pooled:.1f} images/s ({pooled_cpu:.2f} CPU ms/img; {(pooled_cpu / inproc_cpu - 1) * 100:+.0f}% CPU), "
+              f"{a.threads} threads/workers, {a.count} JPEGs")
     pool.close()
 
 
