@@ -346,3 +346,30 @@ def test_one_death_during_a_decode_does_not_condemn_the_file(dirs, bundle_dir, t
         [("results", "innocent_0000.jpg")]
     assert "was being decoded when the agent stopped unexpectedly" in a.log()
     assert not list(dirs["db"].parent.glob("results.db-decoding.*"))  # a clean stop leaves no journal
+
+
+def test_the_ceiling_alone_holds_the_reported_files(tmp_path) -> None:
+    """Defence in depth: with the structure checks out of the way (OpenCV called directly) and OpenCV's
+    pixel limit lifted, the worker's RLIMIT_AS alone turns both reported files into a failed decode, not
+    gigabytes of RSS."""
+    (tmp_path / "idat.png").write_bytes(png_idat_claiming_4gb())
+    (tmp_path / "doubled.tif").write_bytes(tiff_with_doubled_size_tags())
+    code = ("import resource, sys, cv2, numpy as np\n"
+            "from edge_agent.decode_worker import _limit_memory, memory_budget\n"
+            "ok, why, ceiling = _limit_memory(memory_budget(64_000_000, 100 << 20))\n"
+            "assert ok, why\n"
+            "for name in ('idat.png', 'doubled.tif'):\n"
+            "    try:\n"
+            "        img = cv2.imdecode(np.fromfile(name, np.uint8), cv2.IMREAD_COLOR)\n"
+            "        print(name, 'none' if img is None else img.shape)\n"
+            "    except (cv2.error, MemoryError) as e:\n"
+            "        print(name, 'refused')\n"
+            "print('maxrss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    env = agent_env(OPENCV_IO_MAX_IMAGE_PIXELS=str(1 << 40), OPENCV_IO_MAX_IMAGE_WIDTH=str(1 << 20),
+                    OPENCV_IO_MAX_IMAGE_HEIGHT=str(1 << 20))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["idat.png"] in ("none", "refused") and lines["doubled.tif"] in ("none", "refused"), r.stdout
+    assert int(lines["maxrss_mb"]) < PEAK_RSS_LIMIT_MB, r.stdout
