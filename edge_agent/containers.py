@@ -212,7 +212,7 @@ def check_webp(d: bytes) -> None:
     """The RIFF size covers the chunks (each inside it); a VP8X canvas equals its bitstream's frame size."""
     n = len(d)
     riff = struct.unpack("<I", d[4:8])[0]
-    if riff < 4 or riff & 1:
+    if riff < 4:
         raise _corrupt("WebP", f"RIFF size {riff} is invalid")
     if n < riff + 8:
         raise _truncated("WebP", n)
