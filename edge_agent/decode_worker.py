@@ -252,7 +252,13 @@ class DecodeWorker:
             self.start()
             self.restarts += 1
         if not self._ready:
-            self._wait_ready()
+            try:
+                self._wait_ready()
+            except _Died as d:  # before it has seen any file: the environment's fault, never the image's
+                self._kill()
+                raise DecoderUnavailable(f"the decoder process {d.how} while starting, before it was given any "
+                                         "image; check the agent's Python environment (numpy, OpenCV) and memory "
+                                         "limits - files stay in the inbox") from None
         assert self._send is not None and self._recv is not None
         try:
             if self._memfd >= 0:

@@ -373,3 +373,20 @@ def test_the_ceiling_alone_holds_the_reported_files(tmp_path) -> None:
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert lines["idat.png"] in ("none", "refused") and lines["doubled.tif"] in ("none", "refused"), r.stdout
     assert int(lines["maxrss_mb"]) < PEAK_RSS_LIMIT_MB, r.stdout
+
+
+def test_a_worker_that_cannot_start_is_no_reason_to_quarantine_a_file(sample) -> None:
+    """A broken environment (here: an interpreter path the worker cannot import OpenCV from) stops the agent
+    with DecoderUnavailable: the file is not blamed, it stays in the inbox."""
+    from edge_agent.decode_worker import DecoderUnavailable
+
+    w = DecodeWorker(0, PRE, 64_000_000, LIMITS, 100 << 20)
+    real = sys.path[:]
+    try:
+        sys.path[:] = [p for p in real if "site-packages" not in p and "dist-packages" not in p]
+        with pytest.raises(DecoderUnavailable) as e:
+            w.decode(_png(sample))
+        assert "before it was given any image" in str(e.value)
+    finally:
+        sys.path[:] = real
+        w.close()
