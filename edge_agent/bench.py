@@ -330,8 +330,10 @@ def naive_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
+    from .infer import quiet_onnxruntime
     from .preprocess import Preprocessing, preprocess
 
+    quiet_onnxruntime()  # the baseline's speed, without onnxruntime's per-load warnings in the report
     bundle = Path(spec["model"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     pre = Preprocessing.from_dict(manifest["preprocessing"])

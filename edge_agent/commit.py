@@ -46,7 +46,8 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 STOP = object()  # queue sentinel shared by the stages
 
 
-CRASH_POINTS = ("in_commit", "after_commit", "mid_move", "after_move", "in_file_state")
+CRASH_POINTS = ("in_commit", "after_commit", "mid_move", "after_move", "in_file_state",
+                "in_decode")  # in_decode: in the decode worker (decode_worker._crash_hook)
 _crash_hits: dict[str, int] = {}
 
 

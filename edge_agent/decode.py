@@ -4,8 +4,12 @@ Anything can land in an inbox: empty files from failed copies, half-written
 uploads, PDFs renamed to .jpg, hostile PNGs that declare 100000x100000 pixels.
 So the format is sniffed from the content (never the name), the dimensions
 are read from the header *before* decoding (a decompression bomb is rejected
-without allocating it), truncation is detected from the container structure,
-and every rejection carries a reason a person can act on. Large JPEGs are
+without allocating it), the container structure is walked before any decoder
+follows it (containers.py: chunk lengths, duplicate tags, offsets), truncation
+is detected from that structure, the decoded image must have exactly the
+header's size, and every rejection carries a reason a person can act on.
+OpenCV's own size limits are set to the agent's (runtime_env.py) and the
+pipeline runs all of this in a memory-capped worker process (decode_worker.py). Large JPEGs are
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, which keeps memory and
 time proportional to what the model needs rather than to the camera's sensor.
 """
@@ -18,7 +22,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .containers import check_structure
 from .preprocess import Preprocessing, preprocess_bgr
+from .rejection import Rejected
 
 SUPPORTED = ("jpeg", "png", "bmp", "tiff", "webp")
 MIN_SIDE = 32
@@ -35,18 +41,6 @@ _big_decode = threading.Semaphore(1)
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-class Rejected(Exception):
-    """The file cannot be screened. `code` is machine-readable, `reason` tells a person what to do.
-
-    `maybe_incomplete` marks failures that also happen while a file is still
-    being written (empty, truncated): the daemon waits before quarantining those.
-    """
-
-    def __init__(self, code: str, reason: str, maybe_incomplete: bool = False) -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.maybe_incomplete = code, reason, maybe_incomplete
 
 
 @dataclass(frozen=True)
@@ -352,17 +346,52 @@ def decode_pixels(data: bytes, header: Header, reduction: int) -> np.ndarray:
         else:
             img = cv2.imdecode(buf, _REDUCED[reduction])
     except cv2.error as e:
-        raise Rejected("decode_failed", f"the {header.format.upper()} decoder failed ({str(e).strip().splitlines()[-1]}); "
-                       "the file is damaged - re-export the image") from None
+        raise _decoder_error(header, str(e)) from None
     except MemoryError:
-        raise Rejected("decode_failed", f"not enough memory to decode this {header.width}x{header.height} image; "
-                       "send a smaller export or lower max_pixels") from None
+        raise _out_of_memory(header) from None
     if img is None or img.size == 0:
         raise Rejected("decode_failed", f"the {header.format.upper()} data could not be decoded: the file is damaged "
                        "or uses an unsupported variant; re-export the image as a standard JPEG or PNG")
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     return img
+
+
+def _out_of_memory(header: Header) -> Rejected:
+    return Rejected("decode_memory", f"decoding this {header.format.upper()} file needed more memory than the decoder "
+                    f"is allowed (it declares {header.width}x{header.height}); the file is damaged or crafted - "
+                    "re-export the image, or send a smaller export")
+
+
+def _decoder_error(header: Header, message: str) -> Rejected:
+    """A cv2.error as a rejection: the pixel/size limits and allocation failures get their own codes."""
+    last = message.strip().splitlines()[-1] if message.strip() else "no detail"
+    if "CV_IO_MAX_IMAGE" in message:
+        return Rejected("size_mismatch", f"the {header.format.upper()} decoder found an image larger than the "
+                        f"{header.width}x{header.height} its header declares, above the pixel limit: the file is "
+                        "damaged or crafted - re-export the image")
+    if "Insufficient memory" in message or "Failed to allocate" in message or "bad_alloc" in message:
+        return _out_of_memory(header)
+    return Rejected("decode_failed", f"the {header.format.upper()} decoder failed ({last}); "
+                    "the file is damaged - re-export the image")
+
+
+def expected_shape(header: Header, reduction: int) -> tuple[int, int]:
+    """(width, height) the decoder must return: libjpeg's reduced scales round up."""
+    k = reduction
+    return -(-header.width // k), -(-header.height // k)
+
+
+def check_decoded_size(img: np.ndarray, header: Header, reduction: int) -> None:
+    """The decoded image must be the header's size (turned by the EXIF orientation, or not): a decoder that
+    read other dimensions than the header reader followed a different structure."""
+    w, h = expected_shape(header, reduction)
+    got = (img.shape[1], img.shape[0])
+    if got not in ((w, h), (h, w)):
+        raise Rejected("size_mismatch", f"the {header.format.upper()} header declares {header.width}x{header.height} "
+                       f"but the decoder produced {got[0]}x{got[1]}"
+                       f"{f' at 1/{reduction} scale' if reduction > 1 else ''}: the file is damaged or crafted "
+                       "- re-export the image")
 
 
 def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
@@ -404,6 +433,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
     if min(header.width, header.height) < MIN_SIDE:
         raise Rejected("too_small", f"image is only {header.width}x{header.height} pixels, too small to screen "
                        f"(needs at least {MIN_SIDE} on each side); send the original photo")
+    check_structure(data, header.format)  # before any decoder follows it (containers.py)
     check_complete(data, header)
     frames = count_frames(data, header)
     if frames > 1:
@@ -413,5 +443,6 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
                        f"be silently skipped; export each {what[:-1]} you want screened as its own JPEG or PNG")
     k = reduction_for(header, pre.input_size)
     bgr = decode_pixels(data, header, k)
+    check_decoded_size(bgr, header, k)
     quality = measure_quality(bgr, limits)
     return Decoded(header, k, preprocess_bgr(bgr, pre), quality)

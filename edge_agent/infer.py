@@ -20,6 +20,23 @@ from .bundle import Bundle, BundleError
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
+ORT_LOG_ERROR = 3  # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+
+
+def quiet_onnxruntime() -> None:
+    """No telemetry and no warnings from onnxruntime itself (idempotent).
+
+    Telemetry is stopped at the root by ORT_DISABLE_TELEMETRY (runtime_env.py, set before the import); this
+    also switches off the non-essential events through the API. The default logger at ERROR keeps the
+    graph optimizer's per-load warnings ("Removing initializer ... It is not used by any node") out of the
+    journal: they come from the default logger as well as from the session's, and say nothing an operator
+    can act on. Real failures still raise.
+    """
+    ort.disable_telemetry_events()
+    ort.set_default_logger_severity(ORT_LOG_ERROR)
+
+
+quiet_onnxruntime()
 EventSink = Callable[[str, str], None]
 
 
@@ -65,7 +82,7 @@ class Engine:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so.log_severity_level = ORT_LOG_ERROR
         # Idle worker threads must sleep, not spin: the box does other work and
         # the agent is mostly waiting for images.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

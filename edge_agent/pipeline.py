@@ -28,10 +28,12 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .commit import STOP, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
-from .decode import QualityLimits, Rejected, decode_image
+from .decode import QualityLimits, Rejected
+from .decode_worker import DecodePool, DecoderUnavailable
 from .infer import Engine, InferenceError, check_providers
 from .intake import Intake, Vanished, read_file
 from .notify import Notifier
+from .poison import PoisonJournal
 from .provenance import policy_event, startup_notices
 from .signing import trust_from_settings
 from .store import Reader, Writer, now_iso
@@ -117,6 +119,7 @@ class Agent:
         self.bundle: Bundle
         self.engine: Engine
         self.committer: Committer | None = None
+        self.decoders: DecodePool | None = None
 
     @property
     def fatal(self) -> str | None:
@@ -147,6 +150,16 @@ class Agent:
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
         self.store = Writer(s.db_path, self.bundle.labels)
         self._reconcile()
+        # Before any decode: files that were being decoded when the last agent died get their strike.
+        self.poison = PoisonJournal(s.db_path)
+        self.poison.recover()
+        self.decoders = DecodePool(s.workers, self.bundle.preprocessing, s.max_pixels, self.limits,
+                                   int(s.max_file_mb * 2**20), journal=self.poison.journal)
+        try:
+            self.decoders.start()  # the worker processes import OpenCV while the model loads
+        except DecoderUnavailable as e:
+            self.store.close()
+            raise InferenceError(str(e)) from None
         self.reader = Reader(s.db_path)
         self.engine = Engine(self.bundle, s.providers, s.threads, on_event=self._event)
         self.intake = Intake(self.inbox, [self.processed, self.quarantine], s.quiet_seconds,
@@ -361,6 +374,8 @@ class Agent:
             self.prep_q.put(STOP)
         for t in self._threads:
             t.join()
+        if self.decoders is not None:
+            self.decoders.close()
         if self._infer_thread is not None:
             self.infer_q.put(STOP)
             self._infer_thread.join()
@@ -478,10 +493,24 @@ class Agent:
         if not self._reference_wanted and self._spot_selected(job.sha256):
             self._reference_wanted = True
             self._load_reference_if_wanted()
+        suspect = self.poison.condemned(job.sha256)
+        if suspect is not None:
+            self._emit(Outcome("quarantine", job, code="crashed_decoder", reason=(
+                f"the agent died while decoding this file, {suspect['strikes']} times in a row: it is probably "
+                "crafted to exhaust memory or crash the decoder, so it was not decoded again - re-export the image; "
+                "move it back into the inbox to retry")))
+            self.poison.cleared(job.sha256)
+            return
         t0 = time.perf_counter()
         try:
-            job.decoded = decode_image(data, self.bundle.preprocessing, self.s.max_pixels, self.limits)
+            assert self.decoders is not None
+            job.decoded = self.decoders.decode(data, job.sha256, c.rel)
+        except DecoderUnavailable as e:
+            self._fatal = self._fatal or str(e)  # nothing can be screened safely: stop; the files stay in the inbox
+            self.wake.put(("wake", "", ""))
+            return
         except Rejected as r:
+            self.poison.cleared(job.sha256)
             self.timing.add("decode", time.perf_counter() - t0)
             if c.provisional:  # taken early at start-up: maybe it is still being written
                 self._emit(Outcome("recheck", job, code=r.code, reason=r.reason))
@@ -493,6 +522,7 @@ class Agent:
                     reason += f" (unchanged for {self.s.partial_timeout_seconds:.0f} s)"
                 self._emit(Outcome("quarantine", job, code=r.code, reason=reason))
             return
+        self.poison.cleared(job.sha256)
         self.timing.add("decode", time.perf_counter() - t0)
         del data
         self.infer_q.put(job)
