@@ -31,6 +31,7 @@ from . import __version__
 from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, load_settings
+from .locks import Busy
 from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, status as db_status, to_iso
 
 log = logging.getLogger("edge_agent.cli")
@@ -132,10 +133,19 @@ def run(config_file: Path | None, **flags: Any) -> None:
         log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
         stop.set()
 
+    def on_hup(signum: int, frame: Any) -> None:
+        # Reload hook: SIGHUP will mean "re-read the settings and the bundle" (a later issue). Until then it
+        # is a graceful stop, never the default kill: systemd's Restart= starts the agent with the new
+        # settings. Replace this handler (and keep the graceful path for what cannot be reloaded).
+        log.warning("SIGHUP received: reloading is not supported yet, so the agent stops gracefully (finishing "
+                    "the batch in flight); restart it to apply new settings")
+        stop.set()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         code = Agent(s, Notifier()).run(stop)
-    except (ConfigError, BundleError, StoreError) as e:
+    except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
         _fail(str(e), EXIT_RUNTIME)
@@ -162,7 +172,10 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         if o.kind == "quarantine":
             quarantined.append((o.job.cand.rel, o.reason))
 
-    agent = Agent(s, one_shot=True, on_outcome=on_outcome)
+    try:
+        agent = Agent(s, one_shot=True, on_outcome=on_outcome)
+    except ConfigError as e:
+        _fail(str(e))
     bar: Any = None
     show_bar = sys.stderr.isatty()
 
@@ -173,16 +186,24 @@ def scan(config_file: Path | None, **flags: Any) -> None:
             bar.__enter__()
 
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) finish the images in flight and stop; files not
+    # reached stay in the inbox. A second one exits at once.
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(EXIT_RUNTIME)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     t0 = time.monotonic()
     try:
         code = agent.scan(progress=lambda n: bar.update(n) if bar else None, on_total=on_total, stop=stop)
-    except (ConfigError, BundleError, StoreError) as e:
+    except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
         _fail(str(e), EXIT_RUNTIME)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.__exit__(None, None, None)
     elapsed = max(time.monotonic() - t0, 1e-6)
@@ -195,7 +216,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         if value or label in ("processed", "flagged for review", "quarantined", "duplicates skipped"):
             click.echo(f"  {label + ':':<26}{value}")
     for rel, reason in quarantined[:20]:
-        click.echo(f"  quarantined {rel}: {reason}")
+        click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
     if len(quarantined) > 20:
         click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
     if code == EXIT_INCOMPLETE:
