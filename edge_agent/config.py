@@ -134,16 +134,16 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "batch_size": (1, 256, "larger batches only add latency and memory"),
     "queue_max": (1, 4096, "every queued image holds its pixels in memory"),
     "max_pixels": (1, 1 << 30, "OpenCV's own limit; a 1-gigapixel image needs gigabytes to decode"),
-    "max_file_mb": (0.001, 2048, "a file is read into memory whole; dermoscopy exports are far smaller"),
+    "max_file_mb": (0, 2048, "a file is read into memory whole; dermoscopy exports are far smaller"),
     "spot_check_fraction": (0, 1, "a fraction"),
     "quiet_seconds": (0, 3600, "an hour without change is more than any copy needs"),
-    "rescan_seconds": (0.1, 86400, "at least once a day"),
-    "partial_timeout_seconds": (0.1, 7 * 86400, "an upload silent for a week is abandoned"),
+    "rescan_seconds": (0, 86400, "at least once a day"),
+    "partial_timeout_seconds": (0, 7 * 86400, "an upload silent for a week is abandoned"),
     "min_sharpness": (0, 1e6, "the variance of the Laplacian of an 8-bit image stays far below this"),
     "min_brightness": (0, 255, "8-bit brightness"),
     "max_brightness": (0, 255, "8-bit brightness"),
     "max_clipped_fraction": (0, 1, "a fraction"),
-    "min_free_mb": (0, 1 << 20, "1 TiB"),
+    "min_free_mb": (0, 1e12, "an exabyte; a larger value is a unit mistake"),
 }
 
 
@@ -273,6 +273,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     return settings
 
 
+def _num(x: float) -> str:
+    return f"{int(x):_}" if float(x).is_integer() else f"{x:g}"
+
+
 def validate(s: Settings) -> None:
     """Range checks that need no file system access; raises ConfigError."""
     def bad(name: str, why: str) -> ConfigError:
@@ -303,7 +307,7 @@ def validate(s: Settings) -> None:
     for name, (lo, hi, why) in BOUNDS.items():
         v = getattr(s, name)
         if not lo <= v <= hi:
-            raise bad(name, f"is out of range: it must be between {lo:g} and {hi:g} ({why})")
+            raise bad(name, f"is out of range: it must be between {_num(lo)} and {_num(hi)} ({why})")
     if not s.providers:
         raise bad("providers", "must name at least one onnxruntime execution provider, e.g. CPUExecutionProvider")
     from .paths import check_layout  # real paths: output folders, database and bundle outside the inbox
