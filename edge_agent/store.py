@@ -188,6 +188,7 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        check_ours(conn, path)  # before anything is changed (journal mode, schema): never touch a foreign file
         if not readonly:
             _check_writable(conn, path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -198,6 +199,9 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         conn.close()
         raise StoreError(f"{path} is not a usable SQLite database ({e}); move it away or pass another --db") from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -207,8 +211,12 @@ def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
     lock held by another process is not a failure here: the writer waits for it and says so."""
     conn.execute("PRAGMA busy_timeout = 0")
     try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
+        try:
+            conn.execute(f"PRAGMA user_version = {version}")  # a real write (a read-only file takes BEGIN fine)
+        finally:
+            conn.execute("ROLLBACK")
     except sqlite3.OperationalError as e:
         if is_locked(e) and "readonly" not in str(e).lower():
             return
@@ -282,15 +290,13 @@ def _migration_1(db: Any) -> None:
 MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1)]
 
 
-def migrate(conn: sqlite3.Connection, labels: Sequence[str] = (), path: Path | None = None) -> None:
+def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
     """Bring the schema to SCHEMA_VERSION and make sure every label has its p_<label> column.
 
     Each migration is idempotent (IF NOT EXISTS), runs in a transaction and
     bumps PRAGMA user_version last, so an interrupted migration simply reruns.
     """
     current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if path is not None:
-        check_ours(conn, path)
     if current > SCHEMA_VERSION:
         raise StoreError(f"the database schema is version {current}, newer than this agent understands "
                          f"({SCHEMA_VERSION}); upgrade edge-agent - the database was not modified")
@@ -329,7 +335,7 @@ class Writer:
         self.path = path
         self.conn = connect(path)
         try:
-            migrate(self.conn, labels, path)
+            migrate(self.conn, labels)
             problem = integrity_problem(self.conn)
             if problem is not None:
                 raise sqlite3.DatabaseError(problem)
