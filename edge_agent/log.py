@@ -49,13 +49,17 @@ def printable(value: object) -> str:
     a journal priority) become backslash escapes, and bytes that are not UTF-8 (lone surrogates from
     os.fsdecode) become \\xNN. A backslash is doubled, so an escape cannot be faked either."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    text = text.translate(_CONTROL)
+    return _no_surrogates(text.translate(_CONTROL))
+
+
+def _no_surrogates(text: str) -> str:
+    """Bytes that are not UTF-8 (lone surrogates from os.fsdecode) as \\xNN: writable to any stream."""
     try:
         text.encode("utf-8")
+        return text
     except UnicodeEncodeError:
-        text = "".join(f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else
+        return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else
                        ch if not 0xD800 <= ord(ch) <= 0xDFFF else f"\\u{ord(ch):04x}" for ch in text)
-    return text
 
 
 def _escape_args(args: object) -> object:
@@ -87,7 +91,7 @@ class OneLineFormatter(logging.Formatter):
             exc = record.exc_info[1]
             msg = f"{msg} ({type(exc).__name__}: {printable(exc)})"
         msg = " | ".join(part for part in msg.splitlines() if part.strip()) or msg
-        msg = msg.translate(_CONTROL_ONLY)  # text that reached the message some other way: still one clean line
+        msg = _no_surrogates(msg.translate(_CONTROL_ONLY))  # text that reached the message some other way
         name = record.name.removeprefix("edge_agent.")
         if self.journal:
             return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{name}: {msg}"
