@@ -364,7 +364,10 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
             return FileRead(None, None, None, ("unreadable", f"cannot read the symbolic link ({e.strerror})"), entry)
         real = Path(os.path.realpath(path))
         # Decided from the path alone: a target outside the inbox is never opened, listed or even stat()ed.
-        if not real.is_relative_to(inbox_real) or real == inbox_real:
+        if real == inbox_real:
+            return link_problem("symbolic link to a folder (the inbox itself): links to folders are not followed; "
+                                "copy the images themselves into the inbox")
+        if not real.is_relative_to(inbox_real):
             return link_problem(f"symbolic link to {real}, outside the inbox: links are not followed out of the "
                                 "inbox for safety; copy the image itself into the inbox")
         target = real.relative_to(inbox_real).as_posix()

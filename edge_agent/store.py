@@ -89,10 +89,10 @@ def damaged(path: Path, e: BaseException, conn: sqlite3.Connection | None = None
             "for recovery with `sqlite3 FILE .recover`), restore it from a backup or let the agent start a new one")
 
 
-def integrity_problem(conn: sqlite3.Connection, limit: int = 5) -> str | None:
+def integrity_problem(conn: sqlite3.Connection) -> str | None:
     """None when SQLite's quick_check passes, else its first findings (or the error it fails with)."""
     try:
-        rows = [r[0] for r in conn.execute(f"PRAGMA quick_check({int(limit)})")]
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
     except sqlite3.Error as e:
         return str(e)
     return None if rows == ["ok"] else "; ".join(str(r) for r in rows)
@@ -214,7 +214,7 @@ def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(f"PRAGMA user_version = {version}")  # a real write (a read-only file takes BEGIN fine)
+            conn.execute(f"PRAGMA user_version = {int(version)}")  # a real write (a read-only file takes BEGIN fine)
         finally:
             conn.execute("ROLLBACK")
     except sqlite3.OperationalError as e:
@@ -312,7 +312,7 @@ def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
                 conn.execute("INSERT OR REPLACE INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
                              (version, now_iso(), description))
                 conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA application_id = {int(APPLICATION_ID)}")
     have = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
     missing = [lab for lab in labels if f"p_{lab}" not in have]
     if missing:
