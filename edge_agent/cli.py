@@ -103,6 +103,10 @@ def _open_db(db: Path | None, config_file: Path | None) -> tuple[Settings, sqlit
 
 
 def _not_ours(path: Path, e: Exception) -> NoReturn:
+    if "malformed" in str(e).lower():  # ours, with damaged pages: say so, not "not ours"
+        from .store import damaged
+
+        _fail(damaged(path, e))
     _fail(f"{path} is not an edge-agent results database ({e}); pass the --db the agent writes to")
 
 
