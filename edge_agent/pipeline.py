@@ -426,7 +426,7 @@ class Agent:
         """Pause intake while a disk we write to is nearly full, rather than fail mid-batch."""
         need = self.s.min_free_mb * 1024 * 1024
         low = []
-        for path in {self.s.db_path.parent, self.quarantine, *([self.processed] if self.s.after == "move" else [])}:
+        for path in {self.db_path.parent, self.quarantine, *([self.processed] if self.s.after == "move" else [])}:
             try:
                 free = shutil.disk_usage(path).free
             except OSError:

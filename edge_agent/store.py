@@ -347,6 +347,11 @@ class Writer:
         except BaseException:
             self.conn.close()
             raise
+        if self.conn.execute("PRAGMA application_id").fetchone()[0] == 0:  # ours from before it was set
+            try:
+                self.conn.execute(f"PRAGMA application_id = {int(APPLICATION_ID)}")
+            except sqlite3.OperationalError:  # locked by another process now: set at a later start
+                pass
         # The file this connection writes to: if the path stops naming it (deleted, replaced), rows would go
         # into a file nobody can read any more, so no image may leave the inbox on their strength.
         self.identity = file_identity(path)
