@@ -329,7 +329,9 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
     else:
         from tabulate import tabulate
 
-        table = [[r[c] for c in RESULT_TABLE_COLUMNS] for r in rows]
+        # File names may hold control characters: escaped on a terminal (CSV and JSON quote them themselves).
+        table = [[logsetup.printable(r[c]) if isinstance(r[c], str) else r[c] for c in RESULT_TABLE_COLUMNS]
+                 for r in rows]
         for t in table:
             t[4] = f"{t[4]:.2f}"
             t[5] = "REVIEW" if t[5] else ""

@@ -446,8 +446,14 @@ class Committer:
             if o.action == "delete":
                 try:
                     delete_file(src)
-                except (FileNotFoundError, Escaped):
+                except FileNotFoundError:
                     pass
+                except Escaped:
+                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
+                                "the inbox and nothing outside it is deleted", src_path)
+                    return o.table, o.row_id, "missing", None
+                except Replaced:
+                    return self._was_replaced(o)
                 return o.table, o.row_id, "deleted", None
             assert o.dest is not None
             base = self._base(o.table)

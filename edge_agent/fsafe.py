@@ -209,6 +209,7 @@ def copy_noreplace(src_fd: int, src: str, dst_fd: int, dst: str, sha256: str | N
         with _suppress_missing():
             os.unlink(tmp, dir_fd=dst_fd)
         raise
+    fsync_dir(dst_fd)  # the copy's name is durable before the only other copy loses its name
     os.unlink(src, dir_fd=src_fd)
 
 
@@ -342,7 +343,8 @@ def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
                                 copy = True  # another file system: copy, fsync, then remove the inbox name
                                 continue
                             raise
-                    fsync_dir(dfd)
+                    # No folder fsync for a rename: a rename lost in a power cut leaves the file in the inbox
+                    # with its row 'pending', and the next start finishes the move (see commit.py).
                     return dest.base / cand
                 except OSError as e:
                     if e.errno in NAME_ERRNOS:

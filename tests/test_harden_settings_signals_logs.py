@@ -72,10 +72,15 @@ def test_control_characters_in_names_are_escaped_in_log_lines() -> None:
 
 def test_a_file_named_with_a_newline_gives_one_log_line(dirs, bundle_dir) -> None:
     name = "evil\n<0>forged: everything is fine.jpg"
+    good = "red\x1b[31m\nline.jpg"
     (dirs["inbox"] / name).write_bytes(b"not an image at all")
+    (dirs["inbox"] / good).write_bytes(distinct_images(1, seed=202)[0])
     r = subprocess.run([sys.executable, "-m", "edge_agent", "scan", *site_args(dirs, bundle_dir)],
                        env=agent_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert [row["original_name"] for row in outcome_rows(dirs["db"])] == [name]
+    assert sorted(row["original_name"] for row in outcome_rows(dirs["db"])) == sorted([name, good])
     assert not [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("<0>")]
     assert "evil\\n<0>forged" in r.stderr and "evil\\n<0>forged" in r.stdout
+    shown = subprocess.run([sys.executable, "-m", "edge_agent", "results", "--db", str(dirs["db"])],
+                           env=agent_env(), capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "red\\x1b[31m\\nline.jpg" in shown.stdout and "\x1b" not in shown.stdout
