@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
 a warning, or `model verify` found problems; 2 invalid settings, bundle or
-database at start (nothing was processed); 3 the agent stopped on a runtime
+database at start, or another agent already holds the inbox or the database
+(nothing was processed); 3 the agent stopped on a runtime
 failure (unprocessed files stay in the inbox).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,

@@ -328,6 +328,9 @@ class Agent:
                 if progress and done > reported:
                     progress(done - reported)
                     reported = done
+            # Stopped on request with files still to do: those dropped from the queue are no longer tracked,
+            # so the count below would say "all done"; the exit code must say the scan is incomplete.
+            interrupted = bool(stop and stop.is_set()) and self._scan_pending()
         finally:
             self.shutdown()
         if progress and self.counts.total() > reported:
@@ -335,6 +338,9 @@ class Agent:
         if self.fatal:
             log.error("%s", self.fatal)
             return 3
+        if interrupted:
+            log.warning("scan stopped on request; the files not screened yet stay in the inbox for the next scan")
+            return 1
         return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
 
     def _scan_pending(self) -> bool:
