@@ -7,7 +7,6 @@ import logging
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
