@@ -4,7 +4,8 @@ Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
 a warning, or `model verify` found problems; 2 invalid settings, bundle or
 database at start, or another agent already holds the inbox or the database
 (nothing was processed); 3 the agent stopped on a runtime
-failure (unprocessed files stay in the inbox).
+failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully on SIGHUP
+(the systemd unit restarts it: RestartForceExitStatus=4, until SIGHUP means reload).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
 so `results` and `status` answer instantly.
@@ -37,7 +38,7 @@ from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, sta
 
 log = logging.getLogger("edge_agent.cli")
 
-EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME = 1, 2, 3
+EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME, EXIT_HUP = 1, 2, 3, 4
 FALLBACK_WARN_FRACTION = 0.05
 
 
@@ -138,12 +139,16 @@ def run(config_file: Path | None, **flags: Any) -> None:
         log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
         stop.set()
 
+    hup = threading.Event()
+
     def on_hup(signum: int, frame: Any) -> None:
         # Reload hook: SIGHUP will mean "re-read the settings and the bundle" (a later issue). Until then it
         # is a graceful stop, never the default kill: systemd's Restart= starts the agent with the new
         # settings. Replace this handler (and keep the graceful path for what cannot be reloaded).
         log.warning("SIGHUP received: reloading is not supported yet, so the agent stops gracefully (finishing "
-                    "the batch in flight); restart it to apply new settings")
+                    "the batch in flight) with exit code %d, which the systemd unit restarts with the new "
+                    "settings (RestartForceExitStatus=%d)", EXIT_HUP, EXIT_HUP)
+        hup.set()
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -157,7 +162,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sys.exit(code)
+    sys.exit(EXIT_HUP if code == 0 and hup.is_set() else code)
 
 
 # --- scan --------------------------------------------------------------------------------

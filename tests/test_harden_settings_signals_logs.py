@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +46,11 @@ def test_sighup_stops_the_daemon_gracefully(procs, dirs, bundle_dir, tmp_path) -
     a = AgentProc("run", site_args(dirs, bundle_dir, "--quiet-seconds", "0.2"), tmp_path / "a.log", registry=procs)
     wait_for(lambda: outcome_count(dirs["db"]) == 4, what="the files", proc=a)
     a._signal(signal.SIGHUP)
-    assert a.wait(60) == 0, a.log()[-3000:]  # killed by the signal would be -1 (SIGHUP)
+    assert a.wait(60) == 4, a.log()[-3000:]  # 4: stopped on SIGHUP (killed by the signal would be -1)
     assert "SIGHUP received" in a.log() and "stopped:" in a.log()
     assert_exactly_once(dirs, shas)
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "edge-agent.service").read_text()
+    assert "RestartForceExitStatus=4" in unit and "SuccessExitStatus=4" in unit  # systemd starts it again
 
 
 def test_scan_stops_cleanly_on_sighup_and_sigint(dirs, bundle_dir, tmp_path) -> None:
