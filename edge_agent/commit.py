@@ -273,6 +273,8 @@ class Committer:
                         crash_point("in_commit")  # rows written, COMMIT not yet: the transaction must vanish
                 break
             except sqlite3.DatabaseError as e:  # disk full, I/O error, locked: worth retrying
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                    raise  # a bug in the agent, not the database's state: the thread guard reports it
                 for o in outs:
                     o.table = o.row_id = None
                 if not is_transient(e):  # damaged pages, not a database: nothing to wait for

@@ -463,9 +463,10 @@ class Agent:
                 continue
             try:
                 self._prepare(job)
-            except (sqlite3.Error, StoreError) as e:
-                self._db_fault(job, e)
             except Exception as e:
+                if _database_fault(e):  # never quarantine an image for the database's fault
+                    self._db_fault(job, e)
+                    continue
                 log.exception("unexpected error while checking %s", job.cand.path)
                 self._emit(Outcome("quarantine", job, code="internal_error",
                                    reason=f"the agent failed while checking this file ({type(e).__name__}: {e}); "
@@ -664,6 +665,12 @@ class Agent:
             self.on_outcome(o)
 
 
+
+
+def _database_fault(e: BaseException) -> bool:
+    """The database failed (cannot be opened, locked, damaged, deleted), as opposed to a bug in a query."""
+    return isinstance(e, StoreError) or (isinstance(e, sqlite3.DatabaseError) and not isinstance(
+        e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)))
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
