@@ -347,6 +347,10 @@ def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
                     # with its row 'pending', and the next start finishes the move (see commit.py).
                     return dest.base / cand
                 except OSError as e:
+                    if isinstance(e, FileExistsError) and cand == dest.prefer and \
+                            _already_there(sfd, sname, dfd, parts[-1], src.sha256):
+                        os.unlink(sname, dir_fd=sfd)  # finished after a crash between the copy and the unlink
+                        return dest.base / cand
                     if e.errno in NAME_ERRNOS:
                         last = e
                         continue
@@ -360,6 +364,31 @@ def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
             os.close(bfd)
         assert last is not None
         raise last
+
+
+def _already_there(sfd: int, sname: str, dfd: int, dname: str, sha256: str | None) -> bool:
+    """Is the file at the recorded destination this very file (a crash came after it was linked or copied
+    there and before the inbox name was removed)? Same inode, or a regular file with the screened content."""
+    try:
+        a = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+        b = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    if ident(a) == ident(b):
+        return True
+    if sha256 is None or not (st.S_ISREG(a.st_mode) and st.S_ISREG(b.st_mode)) or a.st_size != b.st_size:
+        return False
+    try:
+        fd = os.open(dname, FILE_FLAGS, dir_fd=dfd)
+    except OSError:
+        return False
+    h = hashlib.sha256()
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest() == sha256
 
 
 def delete_file(src: Source) -> None:

@@ -189,3 +189,37 @@ def test_quarantined_symlink_is_moved_as_a_link_and_its_target_untouched(dirs, b
     assert row["table"] == "quarantine" and row["reason_code"] == "symlink" and row["sha256"] is None
     assert os.path.islink(row["stored_path"]) and (outside / "secret.jpg").read_bytes() == victim
     assert db_rows(dirs["db"], "SELECT count(*) FROM results")[0][0] == 0
+
+
+def test_move_finished_after_a_crash_between_copy_and_unlink_leaves_one_copy(tmp_path) -> None:
+    """Crash after the copy (or the link) reached its recorded place but before the inbox name was removed:
+    the restart finds both; the move completes onto the recorded place instead of storing a second copy."""
+    import hashlib
+
+    from edge_agent.fsafe import Dest, Source, move_file
+
+    inbox, base = tmp_path / "in", tmp_path / "out"
+    (base / "2026-01-01").mkdir(parents=True)
+    inbox.mkdir()
+    data = b"screened image bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    for how in ("copy", "link"):
+        (inbox / "a.jpg").write_bytes(data)
+        recorded = base / "2026-01-01" / f"a-{how}.jpg"
+        if how == "copy":
+            recorded.write_bytes(data)
+        else:
+            os.link(inbox / "a.jpg", recorded)
+        s = os.lstat(inbox / "a.jpg")
+        went = move_file(Source(inbox, "a.jpg", (s.st_dev, s.st_ino), digest),
+                         Dest(base, "2026-01-01", "a.jpg", digest, prefer=f"2026-01-01/a-{how}.jpg"))
+        assert went == recorded and recorded.read_bytes() == data and not (inbox / "a.jpg").exists()
+    assert sorted(p.name for p in (base / "2026-01-01").iterdir()) == ["a-copy.jpg", "a-link.jpg"]
+    # a different file at the recorded place is never taken for it
+    (inbox / "b.jpg").write_bytes(data)
+    (base / "2026-01-01" / "b.jpg").write_bytes(b"other content")
+    s = os.lstat(inbox / "b.jpg")
+    went = move_file(Source(inbox, "b.jpg", (s.st_dev, s.st_ino), digest),
+                     Dest(base, "2026-01-01", "b.jpg", digest, prefer="2026-01-01/b.jpg"))
+    assert went != base / "2026-01-01" / "b.jpg" and went.read_bytes() == data
+    assert (base / "2026-01-01" / "b.jpg").read_bytes() == b"other content"
