@@ -364,7 +364,7 @@ class Writer:
         now = file_identity(self.path)
         if now == self.identity:
             return None
-        what = "deleted" if now is None else "replaced by another file"
+        what = "deleted (or moved away, or its disk is gone)" if now is None else "replaced by another file"
         return (f"the database {self.path} was {what} while the agent was using it: results written now would be "
                 "lost with it, so screening stopped and the images stay in the inbox; restore the database (or "
                 "leave it deleted to start a new one) and start the agent again")

@@ -58,15 +58,17 @@ def test_folder_swapped_for_a_link_before_the_read_is_never_read(tmp_path, dirs,
     assert "disappeared from the inbox" in a.log()
 
 
-def test_folder_swapped_for_a_link_before_the_move_moves_nothing_outside(tmp_path, dirs, bundle_dir,
-                                                                          outside) -> None:
-    """The worst case for a path-based move: the file outside has the very content that was screened, so
-    neither a size/mtime check nor a hash check can tell it apart; only the folder walk and the inode can."""
+@pytest.mark.parametrize("after", ["move", "delete"])
+def test_folder_swapped_for_a_link_before_the_move_moves_nothing_outside(tmp_path, dirs, bundle_dir, outside,
+                                                                          after) -> None:
+    """The worst case for a path-based move (or delete): the file outside has the very content that was
+    screened, so neither a size/mtime check nor a hash check can tell it apart; only the folder walk and the
+    inode can."""
     (mine,) = distinct_images(1, seed=162)
     (dirs["inbox"] / "sub").mkdir()
     (dirs["inbox"] / "sub" / "a.jpg").write_bytes(mine)
     (outside / "a.jpg").write_bytes(mine)
-    a, marker = scan_paused(tmp_path, dirs, bundle_dir, "--pause-after-read", "a.jpg")
+    a, marker = scan_paused(tmp_path, dirs, bundle_dir, "--pause-after-read", "a.jpg", "--after", after)
     swap_for_link(dirs["inbox"] / "sub", outside, tmp_path / "sub-moved-away")
     marker.unlink()
     assert a.wait(120) == 0, a.log()[-3000:]
@@ -77,7 +79,7 @@ def test_folder_swapped_for_a_link_before_the_move_moves_nothing_outside(tmp_pat
     assert [(r["table"], r["file_state"]) for r in rows] == [("results", "missing")], rows
     stored = [p for p in dirs["processed"].rglob("*") if p.is_file()] if dirs["processed"].exists() else []
     assert stored == [], stored
-    assert "replaced by a symbolic link" in a.log()
+    assert "replaced by a symbolic link" in a.log() and "nothing outside it is" in a.log()
 
 
 def test_file_swapped_for_another_inode_with_the_same_content_is_not_moved(tmp_path, dirs, bundle_dir,
