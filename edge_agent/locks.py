@@ -16,12 +16,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class Busy(RuntimeError):
@@ -37,6 +40,8 @@ class Lock:
         if self.fd >= 0:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass  # never locked (unsupported): closing is all there is to do
             finally:
                 os.close(self.fd)
                 self.fd = -1
@@ -87,14 +92,18 @@ def _holder_text(h: dict[str, object] | None) -> str:
     return "another process (" + ", ".join(parts) + ")"
 
 
-def _take(fd: int) -> bool:
+def _take(fd: int, what: Path) -> bool:
+    """True: locked (or locking unsupported there, with a warning); False: another process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
-        raise
+        # A file system without flock (some network mounts: ENOLCK, EBADF, EOPNOTSUPP): run unlocked, say so.
+        log.warning("cannot lock %s (%s): this file system does not support locks; make sure no other agent uses "
+                    "it", what, e.strerror or e)
+        return True
 
 
 def lock_database(db: Path) -> Lock:
@@ -107,7 +116,7 @@ def lock_database(db: Path) -> Lock:
     except OSError as e:
         raise Busy(f"cannot create the lock file {path} ({e.strerror}); make the database's folder writable by "
                    "the agent's user") from None
-    if not _take(fd):
+    if not _take(fd, path):
         try:
             raw = os.pread(fd, 4096, 0)
             holder = json.loads(raw.decode("utf-8")) if raw.strip() else None
@@ -129,7 +138,7 @@ def lock_inbox(inbox: Path) -> Lock:
     except OSError as e:
         raise Busy(f"cannot open the inbox {inbox} ({e.strerror}); check it exists and the agent may read it") \
             from None
-    if not _take(fd):
+    if not _take(fd, inbox):
         holder = _proc_holder(fd)
         os.close(fd)
         raise Busy(f"the inbox {inbox} is being screened by {_holder_text(holder)}: two agents on one inbox would "
