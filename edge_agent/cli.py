@@ -2,8 +2,10 @@
 
 Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
 a warning, or `model verify` found problems; 2 invalid settings, bundle or
-database at start (nothing was processed); 3 the agent stopped on a runtime
-failure (unprocessed files stay in the inbox).
+database at start, or another agent already holds the inbox or the database
+(nothing was processed); 3 the agent stopped on a runtime
+failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully on SIGHUP
+(the systemd unit restarts it: RestartForceExitStatus=4, until SIGHUP means reload).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
 so `results` and `status` answer instantly.
@@ -31,11 +33,12 @@ from . import __version__
 from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, load_settings
+from .locks import Busy
 from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, status as db_status, to_iso
 
 log = logging.getLogger("edge_agent.cli")
 
-EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME = 1, 2, 3
+EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME, EXIT_HUP = 1, 2, 3, 4
 FALLBACK_WARN_FRACTION = 0.05
 
 
@@ -106,6 +109,10 @@ def _open_db(db: Path | None, config_file: Path | None) -> tuple[Settings, sqlit
 
 
 def _not_ours(path: Path, e: Exception) -> NoReturn:
+    if "malformed" in str(e).lower():  # ours, with damaged pages: say so, not "not ours"
+        from .store import damaged
+
+        _fail(damaged(path, e))
     _fail(f"{path} is not an edge-agent results database ({e}); pass the --db the agent writes to")
 
 
@@ -136,17 +143,30 @@ def run(config_file: Path | None, **flags: Any) -> None:
         log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
         stop.set()
 
+    hup = threading.Event()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        # Reload hook: SIGHUP will mean "re-read the settings and the bundle" (a later issue). Until then it
+        # is a graceful stop, never the default kill: systemd's Restart= starts the agent with the new
+        # settings. Replace this handler (and keep the graceful path for what cannot be reloaded).
+        log.warning("SIGHUP received: reloading is not supported yet, so the agent stops gracefully (finishing "
+                    "the batch in flight) with exit code %d, which the systemd unit restarts with the new "
+                    "settings (RestartForceExitStatus=%d)", EXIT_HUP, EXIT_HUP)
+        hup.set()
+        stop.set()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         code = Agent(s, Notifier()).run(stop)
-    except (ConfigError, BundleError, StoreError) as e:
+    except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
         _fail(str(e), EXIT_RUNTIME)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sys.exit(code)
+    sys.exit(EXIT_HUP if code == 0 and hup.is_set() else code)
 
 
 # --- scan --------------------------------------------------------------------------------
@@ -166,7 +186,10 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         if o.kind == "quarantine":
             quarantined.append((o.job.cand.rel, o.reason))
 
-    agent = Agent(s, one_shot=True, on_outcome=on_outcome)
+    try:
+        agent = Agent(s, one_shot=True, on_outcome=on_outcome)
+    except ConfigError as e:
+        _fail(str(e))
     bar: Any = None
     show_bar = sys.stderr.isatty()
 
@@ -177,16 +200,24 @@ def scan(config_file: Path | None, **flags: Any) -> None:
             bar.__enter__()
 
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) finish the images in flight and stop; files not
+    # reached stay in the inbox. A second one exits at once.
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(EXIT_RUNTIME)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     t0 = time.monotonic()
     try:
         code = agent.scan(progress=lambda n: bar.update(n) if bar else None, on_total=on_total, stop=stop)
-    except (ConfigError, BundleError, StoreError) as e:
+    except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
         _fail(str(e), EXIT_RUNTIME)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.__exit__(None, None, None)
     elapsed = max(time.monotonic() - t0, 1e-6)
@@ -199,7 +230,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         if value or label in ("processed", "flagged for review", "quarantined", "duplicates skipped"):
             click.echo(f"  {label + ':':<26}{value}")
     for rel, reason in quarantined[:20]:
-        click.echo(f"  quarantined {rel}: {reason}")
+        click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
     if len(quarantined) > 20:
         click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
     if code == EXIT_INCOMPLETE:
@@ -310,7 +341,9 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
     else:
         from tabulate import tabulate
 
-        table = [[r[c] for c in RESULT_TABLE_COLUMNS] for r in rows]
+        # File names may hold control characters: escaped on a terminal (CSV and JSON quote them themselves).
+        table = [[logsetup.printable(r[c]) if isinstance(r[c], str) else r[c] for c in RESULT_TABLE_COLUMNS]
+                 for r in rows]
         for t in table:
             t[4] = f"{t[4]:.2f}"
             t[5] = "REVIEW" if t[5] else ""

@@ -11,13 +11,11 @@ file system.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
 import os
 import queue
-import shutil
 import signal
 import sqlite3
 import stat
@@ -32,8 +30,10 @@ from typing import Any
 
 from .config import Settings
 from .decode import Decoded
+from .fsafe import Dest, Escaped, Ident, Replaced, Source, delete_file, lstat_beneath, move_file, open_beneath
+from .fsafe import ident as ident_of
 from .intake import Candidate, Intake
-from .store import Writer, describe_db_error, now_iso
+from .store import Writer, damaged, describe_db_error, is_locked, is_transient, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class Job:
     size: int | None = None
     decoded: Decoded | None = None
     claimed: bool = False
+    ident: Ident | None = None  # (st_dev, st_ino) of the inbox entry when it was read: checked before the move
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Committer:
         self._next_probe = 0.0
         self._gave_up = False
         self.fatal: str | None = None
+        self.give_up_after: float | None = None  # a one-shot scan stops after this long on an unwritable db
         self.tick = time.monotonic()
         self._reserved: set[Path] = set()
         self.timing = StageTimes()
@@ -227,9 +229,34 @@ class Committer:
         """Every file in flight already has its outcome in this batch: waiting longer only adds latency."""
         return self.intake.inflight <= sum(1 for o in batch if isinstance(o, Outcome))
 
+    def _drop(self, outs: list[Outcome]) -> list[Any]:
+        """The database is gone or damaged: these outcomes are not recorded (or only in a file nobody can
+        read), so their files stay in the inbox, untouched, for the next start."""
+        self._release_reserved(outs)
+        for o in outs:
+            o.job.claimed = False
+            if o.job.sha256:
+                for twin in self.claims.release(o.job.sha256):
+                    self.intake.done(twin.cand.rel)
+            self.intake.done(o.job.cand.rel)
+            self._hold(-1)
+        return []
+
+    def _stop_for(self, problem: str) -> None:
+        if self.fatal is None:
+            self.fatal = problem
+            log.error("%s", problem)
+        self.on_commit()  # wakes the main loop, which stops on `fatal`
+
     def _commit(self, batch: list[Any]) -> list[Any]:
         outs = [o for o in batch if isinstance(o, Outcome)]
         ctrl = [o for o in batch if not isinstance(o, Outcome)]
+        if self.fatal is not None:
+            return self._drop(outs)
+        gone = self.store.gone()
+        if gone is not None:
+            self._stop_for(gone)
+            return self._drop(outs)
         attempt = 0
         first_failure = last_log = 0.0
         t0 = time.perf_counter()
@@ -246,11 +273,22 @@ class Committer:
                     if any(o.kind == "result" for o in outs):
                         crash_point("in_commit")  # rows written, COMMIT not yet: the transaction must vanish
                 break
-            except sqlite3.OperationalError as e:  # disk full, I/O error, locked: worth retrying
+            except sqlite3.DatabaseError as e:  # disk full, I/O error, locked: worth retrying
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                    raise  # a bug in the agent, not the database's state: the thread guard reports it
+                for o in outs:
+                    o.table = o.row_id = None
+                if not is_transient(e):  # damaged pages, not a database: nothing to wait for
+                    self._stop_for(self.store.gone() or damaged(self.store.path, e, self.store.conn))
+                    return self._drop(outs)
                 attempt += 1
                 now = time.monotonic()
                 first_failure = first_failure or now
-                self.db_problem = describe_db_error(self.s.db_path, e)
+                self.db_problem = describe_db_error(self.store.path, e)
+                if self.give_up_after is not None and not is_locked(e) and \
+                        now - first_failure >= self.give_up_after:
+                    self._stop_for(self.db_problem)  # a one-shot scan: say why and exit instead of waiting
+                    return self._drop(outs)
                 for o in outs:
                     o.table = o.row_id = None
                 self._release_reserved(outs)
@@ -276,6 +314,10 @@ class Committer:
         self.timing.add("db", time.perf_counter() - t0, len(outs))
         if any(o.kind == "result" for o in outs):
             crash_point("after_commit")
+        gone = self.store.gone()
+        if gone is not None:  # committed into a file that was deleted meanwhile: the rows are lost with it
+            self._stop_for(gone)
+            return self._drop(outs)
         carry: list[Any] = []
         for o in outs:
             if o.job.claimed and o.job.sha256:
@@ -302,8 +344,8 @@ class Committer:
             t0 = time.perf_counter()
             try:
                 with self.store.transaction(lock_wait=STOP_RETRY_SECONDS):
-                    for table, row_id, state in updates:
-                        self.store.set_file_state(table, row_id, state)
+                    for table, row_id, state, stored in updates:
+                        self.store.set_file_state(table, row_id, state, stored)
                     crash_point("in_file_state")
                 self.timing.add("db", time.perf_counter() - t0, 0)
             except sqlite3.Error as e:  # the next start reconciles these from the file system
@@ -330,16 +372,16 @@ class Committer:
         return ("delete", None) if after == "delete" else ("keep", None)
 
     def _destination(self, base: Path, job: Job) -> Path:
-        """base/YYYY-MM-DD/<inbox-relative path>, made unique with the hash prefix and a counter."""
+        """base/YYYY-MM-DD/<inbox-relative path>, made unique with the hash prefix and a counter (the name
+        recorded in the row; move_file still never replaces a file and falls back to a short hash-based
+        name when this one cannot be created)."""
         day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        rel = Path(job.cand.rel)
-        dest = base / day / rel
-        stem, suffix = rel.stem, rel.suffix
-        tag = (job.sha256 or "nohash")[:8]
-        n = 1
-        while dest in self._reserved or os.path.lexists(dest):
-            dest = base / day / rel.parent / (f"{stem}-{tag}{suffix}" if n == 1 else f"{stem}-{tag}-{n}{suffix}")
-            n += 1
+        d = Dest(base, day, job.cand.rel, _tag(job))
+        dest = d.path
+        for cand in d.candidates():
+            dest = base / cand
+            if dest not in self._reserved and not os.path.lexists(dest):
+                break
         self._reserved.add(dest)
         return dest
 
@@ -389,32 +431,56 @@ class Committer:
                 o.dest = Path(stored)  # the place recorded before the crash
             self.store.set_file_state(o.table, o.row_id, _state(o.action), _s(o.dest))
 
-    def _dispose(self, o: Outcome) -> tuple[str, int, str] | None:
-        """Move/delete the inbox file of a committed outcome; returns its file_state update."""
+    def _base(self, table: str) -> Path:
+        return self.quarantine if table == "quarantine" else \
+            self.processed / "duplicates" if table == "duplicates" else self.processed
+
+    def _dispose(self, o: Outcome) -> tuple[str, int, str, str | None] | None:
+        """Move/delete the inbox file of a committed outcome; returns its file_state update (and the stored
+        path when the file went elsewhere than the row says)."""
         if o.action in ("none", "keep") or o.table is None or o.row_id is None:
             o.settle = o.action == "keep"
             return None
-        src = o.job.cand.path
+        src_path = o.job.cand.path
+        src = Source(self.intake.inbox, o.job.cand.rel, o.job.ident, o.job.sha256)
         if self._replaced(o):
-            o.reobserve = True
-            log.warning("%s was replaced by another file while it was being screened: %s #%s records the earlier "
-                        "content, which is gone; the new content is screened as a new file", src, o.table, o.row_id)
-            self.queue.put(("event", "replaced", f"{src}: {o.table} #{o.row_id} records the earlier content"))
-            return o.table, o.row_id, "replaced"
+            return self._was_replaced(o)
         try:
             if o.action == "delete":
                 try:
-                    os.unlink(src)
+                    delete_file(src)
                 except FileNotFoundError:
                     pass
-                return o.table, o.row_id, "deleted"
+                except Escaped:
+                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
+                                "the inbox and nothing outside it is deleted", src_path)
+                    return o.table, o.row_id, "missing", None
+                except Replaced:
+                    return self._was_replaced(o)
+                return o.table, o.row_id, "deleted", None
             assert o.dest is not None
-            if not os.path.lexists(src):
-                return o.table, o.row_id, ("moved" if os.path.lexists(o.dest) else "missing")
-            move_file(src, o.dest, private=o.table == "quarantine")
-            return o.table, o.row_id, "moved"
+            base = self._base(o.table)
+            try:
+                prefer = o.dest.relative_to(base).as_posix()
+            except ValueError:
+                prefer = ""
+            day = prefer.split("/", 1)[0] if prefer else datetime.now(timezone.utc).strftime("%Y-%m-%d")
+            try:
+                went = move_file(src, Dest(base, day, o.job.cand.rel, _tag(o.job), prefer),
+                                 private=o.table == "quarantine")
+            except (FileNotFoundError, Escaped) as e:
+                if isinstance(e, Escaped):
+                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
+                                "the inbox and nothing outside it is touched", src_path)
+                return o.table, o.row_id, ("moved" if os.path.lexists(o.dest) else "missing"), None
+            except Replaced:
+                return self._was_replaced(o)
+            if went != o.dest:
+                log.info("%s could not be stored as %s (taken or not a valid name); stored as %s", src_path, o.dest,
+                         went)
+            return o.table, o.row_id, "moved", (None if went == o.dest else str(went))
         except OSError as e:
-            where = o.dest.parent if o.dest is not None else src.parent
+            where = o.dest.parent if o.dest is not None else src_path.parent
             if e.errno in OUTPUT_ERRNOS:
                 # The output disk is full or read-only (or not writable for us): every other file would fail
                 # the same way. Stop taking files, keep this one in the inbox (its row says 'pending'), and
@@ -428,30 +494,42 @@ class Committer:
                 self.out_problem = problem
                 self._probe_dirs.add(where)
                 self._next_probe = time.monotonic() + PROBE_SECONDS
-                self._unmoved.append(src)
+                self._unmoved.append(src_path)
                 return None
             o.settle = True
             log.error("recorded %s but could not %s it (%s); it stays in the inbox - fix permissions/space on %s",
-                      src, o.action, e, where)
-            self.queue.put(("event", "move_failed", f"{src}: {e}"))
+                      src_path, o.action, e, where)
+            self.queue.put(("event", "move_failed", f"{src_path}: {e}"))
             return None
 
+    def _was_replaced(self, o: Outcome) -> tuple[str, int, str, str | None]:
+        assert o.table is not None and o.row_id is not None
+        src = o.job.cand.path
+        o.reobserve = True
+        log.warning("%s was replaced by another file while it was being screened: %s #%s records the earlier "
+                    "content, which is gone; the new content is screened as a new file", src, o.table, o.row_id)
+        self.queue.put(("event", "replaced", f"{src}: {o.table} #{o.row_id} records the earlier content"))
+        return o.table, o.row_id, "replaced", None
+
     def _replaced(self, o: Outcome) -> bool:
-        """Is the inbox file no longer the one that was screened (overwritten after it was taken)?"""
-        key = o.job.cand.key
-        if key is None or o.action not in ("move", "delete"):
+        """Is the inbox file no longer the one that was screened (another inode, or overwritten in place)?"""
+        if o.action not in ("move", "delete"):
             return False
+        root, rel = self.intake.inbox, o.job.cand.rel
         try:
-            now = os.lstat(o.job.cand.path)
+            now = lstat_beneath(root, rel)
         except OSError:
-            return False  # gone: handled by the move
-        if (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino) == key:
+            return False  # gone (or a folder on the way swapped for a link): handled by the move
+        if o.job.ident is not None and ident_of(now) != o.job.ident:
+            return True
+        key = o.job.cand.key
+        if key is None or (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino) == key:
             return False
         if o.job.sha256 is None or not stat.S_ISREG(now.st_mode):
             return True
         h = hashlib.sha256()
         try:  # never through a link (it could point out of the inbox), never blocking on a pipe
-            fd = os.open(o.job.cand.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, _ = open_beneath(root, rel)
             with os.fdopen(fd, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
@@ -494,24 +572,8 @@ def _state(action: str) -> str:
     return "kept" if action == "keep" else "pending"
 
 
-def move_file(src: Path, dest: Path, private: bool = False) -> None:
-    """Rename into place; across file systems copy to a temp name, fsync, rename, then unlink."""
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
-    try:
-        os.rename(src, dest)
-        return
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-    tmp = dest.with_name(f".{dest.name}.edge-agent-tmp")
-    try:
-        shutil.copy2(src, tmp, follow_symlinks=False)
-        if not os.path.islink(tmp):
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # a disk that filled up mid-copy must not keep half a file
-        raise
-    os.unlink(src)
+def _tag(job: Job) -> str:
+    """A content tag for unique and fallback names: the sha256, or for unreadable files a hash of the name."""
+    if job.sha256:
+        return job.sha256
+    return hashlib.sha256(job.cand.rel.encode("utf-8", "surrogateescape")).hexdigest()

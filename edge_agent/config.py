@@ -130,6 +130,31 @@ HELP: dict[str, str] = {
 }
 
 
+# EDGE_AGENT_* variables that are not settings but are still ours (add new ones here, or they are refused).
+EXTRA_ENV = ("CONFIG", "CRASH_AT")
+ENV_NAMES = frozenset(ENV_PREFIX + k.upper() for k in (*FIELDS, *EXTRA_ENV))
+
+# Sane ranges for every numeric setting: (lowest, highest, why the ceiling). A value past the ceiling is a
+# typo or a unit mistake (max_file_mb=1e13 made every image an internal error), never a real need.
+BOUNDS: dict[str, tuple[float, float, str]] = {
+    "threads": (1, 256, "more threads than cores only adds contention"),
+    "workers": (1, 64, "each worker holds an image in memory"),
+    "batch_size": (1, 256, "larger batches only add latency and memory"),
+    "queue_max": (1, 4096, "every queued image holds its pixels in memory"),
+    "max_pixels": (1, 1 << 30, "OpenCV's own limit; a 1-gigapixel image needs gigabytes to decode"),
+    "max_file_mb": (0, 2048, "a file is read into memory whole; dermoscopy exports are far smaller"),
+    "spot_check_fraction": (0, 1, "a fraction"),
+    "quiet_seconds": (0, 3600, "an hour without change is more than any copy needs"),
+    "rescan_seconds": (0, 86400, "at least once a day"),
+    "partial_timeout_seconds": (0, 7 * 86400, "an upload silent for a week is abandoned"),
+    "min_sharpness": (0, 1e6, "the variance of the Laplacian of an 8-bit image stays far below this"),
+    "min_brightness": (0, 255, "8-bit brightness"),
+    "max_brightness": (0, 255, "8-bit brightness"),
+    "max_clipped_fraction": (0, 1, "a fraction"),
+    "min_free_mb": (0, 1e12, "an exabyte; a larger value is a unit mistake"),
+}
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a raw value (string from env/flags, TOML value) into the setting's type."""
     f = FIELDS[name]
@@ -244,6 +269,11 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             if k not in FIELDS:
                 raise ConfigError(f"unknown setting {k!r} in {cfg_path}; known settings: {', '.join(FIELDS)}")
             values[k] = _coerce(k, v, f"config file {cfg_path}")
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in ENV_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: a "
+                          "misspelt setting would silently be ignored; unset it or use one of "
+                          f"{', '.join(sorted(ENV_NAMES))}")
     for k in FIELDS:
         raw = env.get(ENV_PREFIX + k.upper())
         if raw is not None and raw != "":
@@ -255,6 +285,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     settings = replace(Settings(), **values)
     validate(settings)
     return settings
+
+
+def _num(x: float) -> str:
+    return f"{int(x):_}" if float(x).is_integer() else f"{x:g}"
 
 
 def validate(s: Settings) -> None:
@@ -284,12 +318,12 @@ def validate(s: Settings) -> None:
                           "0 <= min_brightness < max_brightness <= 255")
     if not 0 < s.max_clipped_fraction <= 1:
         raise bad("max_clipped_fraction", "must be in (0, 1]")
+    for name, (lo, hi, why) in BOUNDS.items():
+        v = getattr(s, name)
+        if not lo <= v <= hi:
+            raise bad(name, f"is out of range: it must be between {_num(lo)} and {_num(hi)} ({why})")
     if not s.providers:
         raise bad("providers", "must name at least one onnxruntime execution provider, e.g. CPUExecutionProvider")
-    if s.inbox is not None:
-        inbox = s.inbox.resolve()
-        for name in ("processed_path", "quarantine_path"):
-            out = getattr(s, name).resolve()
-            if out == inbox or inbox.is_relative_to(out):
-                raise ConfigError(f"{name.replace('_path', '_dir')} {out} is the inbox or contains it; choose a folder "
-                                  "outside the inbox (the default is a sibling of the inbox)")
+    from .paths import check_layout  # real paths: output folders, database and bundle outside the inbox
+
+    check_layout(s)

@@ -26,6 +26,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fsafe
+from .fsafe import Ident
 from .store import now_iso
 
 log = logging.getLogger(__name__)
@@ -316,70 +318,96 @@ class FileRead:
     sha256: str | None
     size: int | None
     problem: tuple[str, str] | None = None  # (code, reason) when the file must be quarantined
+    ident: Ident | None = None  # (st_dev, st_ino) of the inbox entry that was read: the move checks it
 
 
 def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
     """Read and hash an inbox file without following links out of the inbox or blocking on pipes.
 
-    A link that resolves inside the inbox is read (its target is screened on
-    its own too, so the link becomes a duplicate); anything else that is not a
-    regular file is reported as a problem, never opened.
+    Every folder between the inbox and the file is opened without following
+    symlinks (fsafe.walk_dirs): a sub-folder swapped for a link to another
+    folder after the listing makes the file count as gone from the inbox,
+    never read from elsewhere. A link (as the last component) that resolves
+    inside the inbox is read through the same walk to its real place (its
+    target is screened on its own too, so the link becomes a duplicate);
+    anything else that is not a regular file is reported as a problem, never
+    opened.
     """
+    here = Path(os.path.abspath(path))
+    if not here.is_relative_to(inbox_real):  # given through a linked folder (the benchmark's own files)
+        here = Path(os.path.realpath(here.parent)) / here.name
+    if not here.is_relative_to(inbox_real) or here == inbox_real:
+        raise Vanished  # not below the inbox (cannot happen for paths intake hands out)
+    rel = here.relative_to(inbox_real).as_posix()
     try:
-        ls = os.lstat(path)
-    except FileNotFoundError:
+        ls = fsafe.lstat_beneath(inbox_real, rel)
+    except (FileNotFoundError, fsafe.Escaped):
         raise Vanished from None
     except OSError as e:
         return FileRead(None, None, None, ("unreadable", f"cannot inspect the file ({e.strerror}); check the "
                                                          "agent's permissions on the inbox"))
+    entry = fsafe.ident(ls)
     not_regular = FileRead(None, None, None, ("not_regular", "not a regular file (a pipe, socket or device); only "
-                                                             "image files can be screened"))
+                                                             "image files can be screened"), entry)
     if not (st.S_ISREG(ls.st_mode) or st.S_ISLNK(ls.st_mode)):
         return not_regular  # never opened: opening a device or a pipe can block or have side effects
-    target = path
+    target = rel
     if st.S_ISLNK(ls.st_mode):
+        def link_problem(text: str) -> FileRead:
+            return FileRead(None, None, None, ("symlink", text), entry)
+
         try:
             points_to = os.readlink(path)
         except FileNotFoundError:
             raise Vanished from None
         except OSError as e:
-            return FileRead(None, None, None, ("unreadable", f"cannot read the symbolic link ({e.strerror})"))
+            return FileRead(None, None, None, ("unreadable", f"cannot read the symbolic link ({e.strerror})"), entry)
         real = Path(os.path.realpath(path))
         # Decided from the path alone: a target outside the inbox is never opened, listed or even stat()ed.
+        if real == inbox_real:
+            return link_problem("symbolic link to a folder (the inbox itself): links to folders are not followed; "
+                                "copy the images themselves into the inbox")
         if not real.is_relative_to(inbox_real):
-            return FileRead(None, None, None, ("symlink", f"symbolic link to {real}, outside the inbox: links are not "
-                                                          "followed out of the inbox for safety; copy the image "
-                                                          "itself into the inbox"))
+            return link_problem(f"symbolic link to {real}, outside the inbox: links are not followed out of the "
+                                "inbox for safety; copy the image itself into the inbox")
+        target = real.relative_to(inbox_real).as_posix()
         try:
-            target_mode = os.stat(path).st_mode
+            target_mode = fsafe.lstat_beneath(inbox_real, target).st_mode
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                return FileRead(None, None, None, ("symlink", f"symbolic link loop (points to {points_to}, which "
-                                                              "leads back to itself); remove the link and copy the "
-                                                              "image itself into the inbox"))
-            return FileRead(None, None, None, ("symlink", f"broken symbolic link (points to {points_to}, which does "
-                                                          "not exist); copy the image itself into the inbox"))
+            if e.errno == errno.ELOOP or isinstance(e, fsafe.Escaped):
+                return link_problem(f"symbolic link loop or a chain of links (points to {points_to}); remove the "
+                                    "link and copy the image itself into the inbox")
+            return link_problem(f"broken symbolic link (points to {points_to}, which does not exist); copy the "
+                                "image itself into the inbox")
         if st.S_ISDIR(target_mode):
-            return FileRead(None, None, None, ("symlink", "symbolic link to a folder: links to folders are not "
-                                                          "followed; copy the images themselves into the inbox"))
+            return link_problem("symbolic link to a folder: links to folders are not followed; copy the images "
+                                "themselves into the inbox")
+        if st.S_ISLNK(target_mode):
+            return link_problem(f"symbolic link loop or a chain of links (points to {points_to}); remove the link "
+                                "and copy the image itself into the inbox")
         if not st.S_ISREG(target_mode):
             return not_regular
-        target = real
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, fs = fsafe.open_beneath(inbox_real, target)
     except FileNotFoundError:
         raise Vanished from None
+    except fsafe.Escaped:
+        if target == rel:
+            raise Vanished from None  # a folder on the way was swapped for a link: the file left the inbox
+        return FileRead(None, None, None, ("symlink", "the link's target was moved behind another link while "
+                                                      "being read; copy the image itself into the inbox"), entry)
     except OSError as e:
         if e.errno == errno.ELOOP:
             return FileRead(None, None, None, ("symlink", "the file was replaced by a symbolic link while being "
-                                                          "read; copy the image itself into the inbox"))
+                                                          "read; copy the image itself into the inbox"), entry)
         return FileRead(None, None, None, ("unreadable", f"cannot read the file ({e.strerror}); give the agent's "
-                                                         "user read access, then move it back into the inbox"))
+                                                         "user read access, then move it back into the inbox"), entry)
     with os.fdopen(fd, "rb") as f:
-        fs = os.fstat(f.fileno())
         if not st.S_ISREG(fs.st_mode):
             return FileRead(None, None, None, ("not_regular", "not a regular file (a pipe, socket or device); only "
-                                                              "image files can be screened"))
+                                                              "image files can be screened"), entry)
+        if target == rel and fsafe.ident(fs) != entry:
+            entry = fsafe.ident(fs)  # replaced between the lstat and the open: what was read is what counts
         try:
             if fs.st_size > max_bytes:
                 h = hashlib.sha256()
@@ -387,9 +415,9 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
                     h.update(chunk)
                 return FileRead(None, h.hexdigest(), fs.st_size, (
                     "too_large_file", f"file is {fs.st_size / 2**20:.1f} MiB, above max_file_mb "
-                                      f"{max_bytes / 2**20:g}; send a smaller export or raise max_file_mb"))
+                                      f"{max_bytes / 2**20:g}; send a smaller export or raise max_file_mb"), entry)
             data = f.read(max_bytes + 1)
         except OSError as e:
             return FileRead(None, None, None, ("unreadable", f"reading the file failed ({e.strerror}); check the "
-                                                             "disk or share, then move it back into the inbox"))
-    return FileRead(data, hashlib.sha256(data).hexdigest(), len(data))
+                                                             "disk or share, then move it back into the inbox"), entry)
+    return FileRead(data, hashlib.sha256(data).hexdigest(), len(data), None, entry)

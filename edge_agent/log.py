@@ -37,6 +37,43 @@ def _stream_is_tty(stream: TextIO) -> bool:
         return False
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+_CONTROL_ONLY = dict(_CONTROL)
+_CONTROL.update({0x5C: "\\\\"})
+
+
+def printable(value: object) -> str:
+    """Text from outside (file names, reasons quoting them, error messages) made safe for one log line:
+    control characters (newlines, carriage returns, escape sequences that would drive a terminal or forge
+    a journal priority) become backslash escapes, and bytes that are not UTF-8 (lone surrogates from
+    os.fsdecode) become \\xNN. A backslash is doubled, so an escape cannot be faked either."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    return _no_surrogates(text.translate(_CONTROL))
+
+
+def _no_surrogates(text: str) -> str:
+    """Bytes that are not UTF-8 (lone surrogates from os.fsdecode) as \\xNN: writable to any stream."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else
+                       ch if not 0xD800 <= ord(ch) <= 0xDFFF else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def _escape_args(args: object) -> object:
+    """The record's arguments with every string and path escaped (the format string is the code's own)."""
+    def one(a: object) -> object:
+        return printable(a) if isinstance(a, (str, os.PathLike, BaseException)) else a
+
+    if isinstance(args, tuple):
+        return tuple(one(a) for a in args)
+    if isinstance(args, dict):
+        return {k: one(v) for k, v in args.items()}
+    return args
+
+
 class OneLineFormatter(logging.Formatter):
     """Formats a record as exactly one line, so journald and grep see one event per line."""
 
@@ -45,11 +82,16 @@ class OneLineFormatter(logging.Formatter):
         self.journal, self.colour = journal, colour
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        if record.args:
+            record = logging.makeLogRecord({**record.__dict__, "args": _escape_args(record.args)})
+            msg = record.getMessage()
+        else:
+            msg = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            msg = f"{msg} ({type(exc).__name__}: {exc})"
+            msg = f"{msg} ({type(exc).__name__}: {printable(exc)})"
         msg = " | ".join(part for part in msg.splitlines() if part.strip()) or msg
+        msg = _no_surrogates(msg.translate(_CONTROL_ONLY))  # text that reached the message some other way
         name = record.name.removeprefix("edge_agent.")
         if self.journal:
             return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{name}: {msg}"

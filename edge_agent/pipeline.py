@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,17 +27,19 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .commit import STOP, Claims, Committer, Job, Outcome, StageTimes
+from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected
 from .decode_worker import DecodePool, DecoderUnavailable
 from .infer import Engine, InferenceError, check_providers
 from .intake import Intake, Vanished, read_file
+from .locks import Lock, lock_database, lock_inbox
+from .paths import SitePaths, real as real_path, resolve as resolve_paths
 from .notify import Notifier
 from .poison import PoisonJournal
 from .provenance import policy_event, startup_notices
 from .signing import trust_from_settings
-from .store import Reader, Writer, now_iso
+from .store import Reader, StoreError, Writer, damaged, describe_db_error, is_locked, now_iso
 from .triage import Policy, softmax, triage
 
 log = logging.getLogger(__name__)
@@ -92,10 +95,14 @@ class Agent:
         self.notifier = notifier or Notifier({})
         self.one_shot = one_shot
         self.on_outcome = on_outcome
-        self.inbox = Path(os.path.abspath(settings.inbox_dir))
-        self._inbox_real = Path(os.path.realpath(self.inbox))
-        self.processed = Path(os.path.abspath(settings.processed_path))
-        self.quarantine = Path(os.path.abspath(settings.quarantine_path))
+        # Real paths everywhere (paths.py): the inbox, the outputs and the database compare and exclude by
+        # where they really are, however they were spelled or linked.
+        self.inbox = real_path(settings.inbox_dir)
+        self._inbox_real = self.inbox
+        self.processed = real_path(settings.processed_path)
+        self.quarantine = real_path(settings.quarantine_path)
+        self.db_path = real_path(settings.db_path)
+        self._locks: list[Lock] = []
         self.counts = Counts()
         self.timing = StageTimes()  # busy seconds per stage (edge-agent bench)
         self.stopping = threading.Event()
@@ -139,19 +146,35 @@ class Agent:
         model loads: both have to happen before the first result.
         """
         s = self.s
-        if not self.inbox.is_dir():
-            raise ConfigError(f"inbox {self.inbox} does not exist or is not a folder: create it or fix --inbox")
+        site = resolve_paths(s)
+        self.inbox = self._inbox_real = site.inbox
+        self.processed, self.quarantine, self.db_path = site.processed, site.quarantine, site.db
+        try:
+            self._start(site)
+        except BaseException:
+            self._release_locks()
+            raise
+
+    def _start(self, site: SitePaths) -> None:
+        s = self.s
+        # One agent per database and per inbox, decided before anything is read or written (locks.py).
+        self._locks.append(lock_database(site.db))
+        self._locks.append(lock_inbox(site.inbox))
         limit_malloc_arenas()
         self._prepare_dirs()
-        self.bundle = load_bundle(s.model_path, trust_from_settings(s))
+        self.bundle = load_bundle(site.model, trust_from_settings(s))
         self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
         self.policy_json = self.policy.to_json()
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
-        self.store = Writer(s.db_path, self.bundle.labels)
-        self._reconcile()
+        self.store = Writer(site.db, self.bundle.labels)
+        try:
+            self._reconcile()
+        except sqlite3.DatabaseError as e:
+            self.store.close()
+            raise StoreError(damaged(site.db, e)) from None
         # Before any decode: files that were being decoded when the last agent died get their strike.
-        self.poison = PoisonJournal(s.db_path)
+        self.poison = PoisonJournal(site.db)
         self.poison.recover()
         self.decoders = DecodePool(s.workers, self.bundle.preprocessing, s.max_pixels, self.limits,
                                    int(s.max_file_mb * 2**20), journal=self.poison.journal)
@@ -160,14 +183,16 @@ class Agent:
         except DecoderUnavailable as e:
             self.store.close()
             raise InferenceError(str(e)) from None
-        self.reader = Reader(s.db_path)
+        self.reader = Reader(site.db)
         self.engine = Engine(self.bundle, s.providers, s.threads, on_event=self._event)
-        self.intake = Intake(self.inbox, [self.processed, self.quarantine], s.quiet_seconds,
+        self.intake = Intake(site.inbox, [site.processed, site.quarantine], s.quiet_seconds,
                              s.partial_timeout_seconds, limit=max(INTAKE_LIMIT, 4 * s.queue_max))
         self.committer = Committer(s, self.store, self.intake, self.claims, self.processed, self.quarantine,
                                    on_finished=self._finished, on_commit=lambda: self.wake.put(("wake", "", "")),
                                    stopping=self.stopping)
         self.committer.timing = self.timing
+        if self.one_shot:  # nobody waits for a one-shot scan to be unblocked: fail with the cause instead
+            self.committer.give_up_after = STOP_RETRY_SECONDS
         self._writer_thread = self._spawn(self.committer.loop, "writer")
         self._check_disk()
         for i in range(s.workers):
@@ -265,6 +290,9 @@ class Agent:
                     next_rescan = now + self.s.rescan_seconds
                 if now >= next_disk:
                     self._check_disk()
+                    gone = self.store.gone()  # noticed while idle too, not only at the next commit
+                    if gone is not None and self._fatal is None:
+                        self._fatal = gone
                     next_disk = now + (PAUSED_DISK_SECONDS if self.paused or self.db_error else DISK_SECONDS)
                 if now >= next_poll:  # re-stats files still settling: costs O(files), so not at every wake
                     self.intake.poll()
@@ -320,6 +348,9 @@ class Agent:
                 if progress and done > reported:
                     progress(done - reported)
                     reported = done
+            # Stopped on request with files still to do: those dropped from the queue are no longer tracked,
+            # so the count below would say "all done"; the exit code must say the scan is incomplete.
+            interrupted = bool(stop and stop.is_set()) and self._scan_pending()
         finally:
             self.shutdown()
         if progress and self.counts.total() > reported:
@@ -327,6 +358,9 @@ class Agent:
         if self.fatal:
             log.error("%s", self.fatal)
             return 3
+        if interrupted:
+            log.warning("scan stopped on request; the files not screened yet stay in the inbox for the next scan")
+            return 1
         return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
 
     def _scan_pending(self) -> bool:
@@ -387,6 +421,11 @@ class Agent:
             self._writer_thread.join()
         if hasattr(self, "store"):
             self.store.close()
+        self._release_locks()
+
+    def _release_locks(self) -> None:
+        while self._locks:
+            self._locks.pop().release()
 
     # --- housekeeping --------------------------------------------------------------------
 
@@ -415,7 +454,7 @@ class Agent:
         """Pause intake while a disk we write to is nearly full, rather than fail mid-batch."""
         need = self.s.min_free_mb * 1024 * 1024
         low = []
-        for path in {self.s.db_path.parent, self.quarantine, *([self.processed] if self.s.after == "move" else [])}:
+        for path in {self.db_path.parent, self.quarantine, *([self.processed] if self.s.after == "move" else [])}:
             try:
                 free = shutil.disk_usage(path).free
             except OSError:
@@ -447,10 +486,32 @@ class Agent:
             try:
                 self._prepare(job)
             except Exception as e:
+                if _database_fault(e):  # never quarantine an image for the database's fault
+                    self._db_fault(job, e)
+                    continue
                 log.exception("unexpected error while checking %s", job.cand.path)
                 self._emit(Outcome("quarantine", job, code="internal_error",
                                    reason=f"the agent failed while checking this file ({type(e).__name__}: {e}); "
                                           "please report this with the file; move it back into the inbox to retry"))
+
+    def _db_fault(self, job: Job, e: BaseException) -> None:
+        """A lookup in the database failed: the database's fault, never the image's. The file stays in the
+        inbox without an outcome; a lock is waited out (the next rescan takes the file again), anything else
+        (deleted, damaged) stops intake with the cause."""
+        if job.claimed and job.sha256:
+            job.claimed = False
+            for twin in self.claims.release(job.sha256):
+                self.intake.done(twin.cand.rel)
+        self.intake.done(job.cand.rel)
+        if isinstance(e, sqlite3.Error) and is_locked(e):
+            log.warning("%s; %s stays in the inbox for the next pass", describe_db_error(self.db_path, e), job.cand.rel)
+            return
+        problem = (self.store.gone() if hasattr(self, "store") else None) or (
+            str(e) if isinstance(e, StoreError) else damaged(self.db_path, e))
+        if self._fatal is None:
+            self._fatal = problem
+            log.error("%s", problem)
+        self.wake.put(("wake", "", ""))
 
     def _emit(self, item: Any) -> None:
         assert self.committer is not None
@@ -465,7 +526,7 @@ class Agent:
             self._emit(Outcome("vanished", job))
             return
         self.timing.add("hash", time.perf_counter() - t0)
-        job.sha256, job.size, data = got.sha256, got.size, got.data
+        job.sha256, job.size, data, job.ident = got.sha256, got.size, got.data, got.ident
         # This very file (same path, same content) may already have a committed outcome: a crash came
         # before its move, or after=keep left it here. Then only the move is owed, not a second row.
         rec = self.reader.recorded(str(c.path), job.sha256, ("pending", "kept"))
@@ -642,6 +703,12 @@ class Agent:
             self.on_outcome(o)
 
 
+
+
+def _database_fault(e: BaseException) -> bool:
+    """The database failed (cannot be opened, locked, damaged, deleted), as opposed to a bug in a query."""
+    return isinstance(e, StoreError) or (isinstance(e, sqlite3.DatabaseError) and not isinstance(
+        e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)))
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,

@@ -31,6 +31,10 @@ from typing import Any
 from .bundle import LABEL_RE
 
 SCHEMA_VERSION = 2
+# PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
+# created before it was set have 0 and are recognised by their tables instead.
+APPLICATION_ID = 0x45644167
+OUR_TABLES = ("results", "duplicates", "quarantine", "events", "agent_state", "schema_version")
 TABLES = ("results", "duplicates", "quarantine")
 FILE_STATES = ("pending", "moved", "deleted", "kept", "missing", "replaced")
 BUSY_TIMEOUT_MS = 10_000
@@ -62,6 +66,53 @@ def describe_db_error(path: Path, e: BaseException) -> str:
     if "readonly" in text or "read-only" in text:
         return f"the database {path} cannot be written ({e}); make it and its folder writable by the agent"
     return f"cannot write to the database {path} ({e}); check the disk and the file's permissions"
+
+
+def damaged(path: Path, e: BaseException, conn: sqlite3.Connection | None = None) -> str:
+    """What a database that fails with a non-transient error means: damaged pages (with what SQLite's
+    quick_check says), or a file that is not a database; in words a person can act on."""
+    detail = ""
+    if conn is not None:
+        detail = integrity_problem(conn) or ""
+    else:
+        try:
+            c = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+            try:
+                detail = integrity_problem(c) or ""
+            finally:
+                c.close()
+        except sqlite3.Error as e2:
+            detail = str(e2)
+    found = f"; quick_check: {detail}" if detail and detail != str(e) else ""
+    return (f"the database {path} is damaged or not a database ({e}{found}); screening stopped so that no image "
+            "is recorded wrongly - the images stay in the inbox. Stop the agent, move the database aside (keep it "
+            "for recovery with `sqlite3 FILE .recover`), restore it from a backup or let the agent start a new one")
+
+
+def integrity_problem(conn: sqlite3.Connection) -> str | None:
+    """None when SQLite's quick_check passes, else its first findings (or the error it fails with)."""
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.Error as e:
+        return str(e)
+    return None if rows == ["ok"] else "; ".join(str(r) for r in rows)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Errors worth waiting out (locked, disk full, read-only, I/O): the database itself is not at fault.
+    SQLITE_CORRUPT and SQLITE_NOTADB ("malformed", "not a database") are not."""
+    if not isinstance(e, sqlite3.OperationalError):
+        return False
+    text = str(e).lower()
+    return "malformed" not in text and "not a database" not in text
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        s = os.stat(path)
+    except OSError:
+        return None
+    return (s.st_dev, s.st_ino)
 
 
 def now_iso() -> str:
@@ -114,23 +165,32 @@ def _create_private(path: Path) -> None:
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     """Open the database with the agent's pragmas; read-only connections never create it."""
-    if readonly:
-        if not path.exists():
-            raise StoreError(f"no database at {path}: run `edge-agent run` or `edge-agent scan` first, or pass the "
-                             "right --db")
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                               check_same_thread=False)
-    else:
-        try:
-            _create_private(path)
-        except OSError as e:
-            raise StoreError(f"cannot create the database {path} ({e}); check the folder exists and is writable "
-                             "by the agent's user") from None
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    if path.is_dir():
+        raise StoreError(f"the database path {path} is a folder; pass the database file's path, e.g. "
+                         f"{path / 'results.db'}")
+    try:
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"no database at {path}: run `edge-agent run` or `edge-agent scan` first, or pass "
+                                 "the right --db")
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   check_same_thread=False)
+        else:
+            try:
+                _create_private(path)
+            except OSError as e:
+                raise StoreError(f"cannot create the database {path} ({e}); check the folder exists and is writable "
+                                 "by the agent's user") from None
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open the database {path} ({e}); check the file and its folder can be read (and "
+                         "written) by the agent's user") from None
     conn.row_factory = sqlite3.Row
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        check_ours(conn, path)  # before anything is changed (journal mode, schema): never touch a foreign file
         if not readonly:
+            _check_writable(conn, path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"{path} cannot use WAL journaling (got {mode}); put the database on a local disk")
@@ -139,7 +199,52 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         conn.close()
         raise StoreError(f"{path} is not a usable SQLite database ({e}); move it away or pass another --db") from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
+    """Fail at start, with the cause, when the database cannot be written (a read-only file, folder or
+    mount): a one-shot scan must not retry for minutes and a daemon must not start half-working. A write
+    lock held by another process is not a failure here: the writer waits for it and says so."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"PRAGMA user_version = {int(version)}")  # a real write (a read-only file takes BEGIN fine)
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if is_locked(e) and "readonly" not in str(e).lower():
+            return
+        text = str(e).lower()
+        if "readonly" in text or "read-only" in text or "unable to open" in text or "disk i/o" in text:
+            raise StoreError(f"the database {path} cannot be written ({e}); make the file and its folder writable "
+                             "by the agent's user (and the file system read-write), or pass another --db") from None
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+def check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """StoreError unless the file is an edge-agent database (or a new, empty one)."""
+    app = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if app not in (0, APPLICATION_ID):
+        raise StoreError(f"{path} is an SQLite database of another program (application_id {app:#x}), not an "
+                         "edge-agent results database; it was not modified - pass the --db the agent writes to")
+    if version == 0 and app == 0 and not tables:
+        return  # new and empty: ours to create
+    missing = [t for t in OUR_TABLES if t not in tables]
+    if version == 0 or missing:
+        have = ", ".join(sorted(tables)[:8]) or "no tables"
+        raise StoreError(f"{path} is not an edge-agent results database (user_version {version}, tables: {have}; "
+                         f"missing {', '.join(missing) or 'the schema version'}); it was not modified - pass the "
+                         "--db the agent writes to, or a path where a new database can be created")
 
 
 # --- schema -----------------------------------------------------------------
@@ -219,6 +324,7 @@ def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
                 conn.execute("INSERT OR REPLACE INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
                              (version, now_iso(), description))
                 conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute(f"PRAGMA application_id = {int(APPLICATION_ID)}")
     have = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
     missing = [lab for lab in labels if f"p_{lab}" not in have]
     if missing:
@@ -240,10 +346,40 @@ class Writer:
     def __init__(self, path: Path, labels: Sequence[str]) -> None:
         self.path = path
         self.conn = connect(path)
-        migrate(self.conn, labels)
+        try:
+            migrate(self.conn, labels)
+            problem = integrity_problem(self.conn)
+            if problem is not None:
+                raise sqlite3.DatabaseError(problem)
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            if is_transient(e):
+                raise StoreError(describe_db_error(path, e)) from None
+            raise StoreError(damaged(path, e)) from None
+        except BaseException:
+            self.conn.close()
+            raise
+        if self.conn.execute("PRAGMA application_id").fetchone()[0] == 0:  # ours from before it was set
+            try:
+                self.conn.execute(f"PRAGMA application_id = {int(APPLICATION_ID)}")
+            except sqlite3.OperationalError:  # locked by another process now: set at a later start
+                pass
+        # The file this connection writes to: if the path stops naming it (deleted, replaced), rows would go
+        # into a file nobody can read any more, so no image may leave the inbox on their strength.
+        self.identity = file_identity(path)
         self.conn.execute(f"PRAGMA busy_timeout = {int(WRITER_BUSY_TIMEOUT_MS)}")
         self.labels = tuple(labels)
         self._in_tx = False
+
+    def gone(self) -> str | None:
+        """Why the database file this writer uses is no longer the one at its path, if it is not."""
+        now = file_identity(self.path)
+        if now == self.identity:
+            return None
+        what = "deleted (or moved away, or its disk is gone)" if now is None else "replaced by another file"
+        return (f"the database {self.path} was {what} while the agent was using it: results written now would be "
+                "lost with it, so screening stopped and the images stay in the inbox; restore the database (or "
+                "leave it deleted to start a new one) and start the agent again")
 
     def _begin(self, lock_wait: float | None) -> None:
         """BEGIN IMMEDIATE (take the write lock now), waiting up to lock_wait seconds (None: as long as it

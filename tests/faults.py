@@ -9,9 +9,9 @@ its row says with the content its row says, and the database is intact.
 
 Run as a script it is also a harness around the real CLI
 (`python tests/faults.py harness [--audit LOG] [--pause-after-read NAME MARKER]
--- ARGS...` runs `edge-agent ARGS` with a Python audit hook that logs file,
-socket and process events as JSON lines, and/or a pause right after one file
-was read), and it prints the hostile-input table
+[--pause-before-read NAME MARKER] -- ARGS...` runs `edge-agent ARGS` with a
+Python audit hook that logs file, socket and process events as JSON lines,
+and/or a pause right before or after one file is read), and it prints the hostile-input table
 (`python tests/faults.py hostile-table`).
 """
 from __future__ import annotations
@@ -357,23 +357,30 @@ AUDITED = {"open", "os.listdir", "os.scandir", "os.rename", "os.remove", "os.rmd
            "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn"}
 
 
-def _install_pause_after_read(name: str, marker: Path) -> None:
-    """Make the agent stop right after it has read the inbox file called `name` (the first time only): it
-    writes `marker` and waits (30 s at most) until the test deletes it, so a test can change the file
-    between the read and the commit/move deterministically."""
+def _install_pause_after_read(name: str, marker: Path, before: bool = False) -> None:
+    """Make the agent stop right after (before: right before) it reads the inbox file called `name` (the
+    first time only): it writes `marker` and waits (30 s at most) until the test deletes it, so a test can
+    change the file (or the folders above it) between the listing, the read and the commit/move
+    deterministically."""
     import edge_agent.pipeline as pl
 
     real = pl.read_file
     done: list[bool] = []
 
-    def read_then_pause(path: Path, *a: Any, **kw: Any) -> Any:
-        got = real(path, *a, **kw)
+    def pause(path: Path) -> None:
         if Path(path).name == name and not done:
             done.append(True)
             marker.write_text(str(path))
             deadline = time.monotonic() + 30
             while marker.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+    def read_then_pause(path: Path, *a: Any, **kw: Any) -> Any:
+        if before:
+            pause(path)
+        got = real(path, *a, **kw)
+        if not before:
+            pause(path)
         return got
 
     pl.read_file = read_then_pause
@@ -390,6 +397,8 @@ def _harness_main(argv: list[str]) -> None:
             _install_audit(opts.pop(0))
         elif opt == "--pause-after-read":
             _install_pause_after_read(opts.pop(0), Path(opts.pop(0)))
+        elif opt == "--pause-before-read":
+            _install_pause_after_read(opts.pop(0), Path(opts.pop(0)), before=True)
         else:
             raise SystemExit(f"unknown harness option {opt}")
     sys.argv = ["edge-agent", *args]

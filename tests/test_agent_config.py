@@ -76,5 +76,6 @@ def test_output_folders_must_be_outside_the_inbox(tmp_path: Path) -> None:
         load_settings({"inbox": tmp_path / "in", "processed_dir": tmp_path / "in"}, environ={})
     with pytest.raises(ConfigError, match="outside the inbox"):
         load_settings({"inbox": tmp_path / "in" / "sub", "quarantine_dir": tmp_path / "in"}, environ={})
-    # inside the inbox is allowed: intake skips it
-    load_settings({"inbox": tmp_path / "in", "processed_dir": tmp_path / "in" / "done"}, environ={})
+    # inside the inbox is refused too (issue 16 item 5): its files would be screened again at every rescan
+    with pytest.raises(ConfigError, match="inside the inbox"):
+        load_settings({"inbox": tmp_path / "in", "processed_dir": tmp_path / "in" / "done"}, environ={})

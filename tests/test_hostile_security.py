@@ -120,7 +120,8 @@ ALLOWED_SQL_PIECES = {
     "' AND '.join(where)": "constant clauses built in query_results",
     "BUSY_TIMEOUT_MS": "an int constant",
     "int(WRITER_BUSY_TIMEOUT_MS)": "an int constant",
-    "int(version)": "an int from MIGRATIONS",
+    "int(version)": "an int from MIGRATIONS (or read back from PRAGMA user_version)",
+    "int(APPLICATION_ID)": "an int constant",
 }
 
 

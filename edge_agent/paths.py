@@ -1,0 +1,73 @@
+"""Resolve the configured paths once, at start, to real paths, and refuse layouts that loop.
+
+Why: the agent moves everything it finds in the inbox. A database inside the
+inbox would be moved into quarantine by its own agent (and its `-wal` file
+looped on for ever); a processed or quarantine folder inside the inbox (given
+directly, or reached through a symlinked inbox whose real path contains it)
+would have its files screened again at every rescan; a bundle inside the
+inbox would be screened and moved away under the running model. Comparing
+real paths (symlinks resolved) catches every spelling of the same place.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, Settings
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """The agent's folders and files, as real paths."""
+
+    inbox: Path
+    db: Path
+    model: Path
+    processed: Path
+    quarantine: Path
+
+
+def real(p: Path) -> Path:
+    """The real path of p, resolving symlinks as far as the path exists (a missing tail is kept)."""
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(p))))
+
+
+def inside(p: Path, folder: Path) -> bool:
+    return p == folder or p.is_relative_to(folder)
+
+
+def check_layout(s: Settings) -> None:
+    """Refuse output folders that contain the inbox, and anything the agent writes or reads as its own
+    (database and its side files, bundle, processed and quarantine folders) inside the inbox."""
+    if s.inbox is None:
+        return
+    inbox = real(s.inbox)
+    for name in ("processed_dir", "quarantine_dir"):
+        out = real(getattr(s, name.replace("_dir", "_path")))
+        if inside(inbox, out):
+            raise ConfigError(f"{name} {out} is the inbox or contains it; choose a folder outside the inbox (the "
+                              "default is a sibling of the inbox)")
+    own: list[tuple[str, Path | None]] = [
+        ("processed_dir", real(s.processed_path)), ("quarantine_dir", real(s.quarantine_path)),
+        ("db", real(s.db) if s.db is not None else None), ("model", real(s.model) if s.model is not None else None)]
+    for name, p in own:
+        if p is not None and inside(p, inbox):
+            what = {"db": "the database (the agent would screen and move its own database files)",
+                    "model": "the model bundle (the agent would screen and move its own model)"}.get(
+                name, "an output folder (its files would be screened again at every rescan)")
+            raise ConfigError(f"{name} {p} is inside the inbox {inbox}: that is {what}; put it outside the inbox")
+
+
+def resolve(s: Settings) -> SitePaths:
+    """Check the layout and return the real paths; ConfigError with what to fix otherwise."""
+    inbox = s.inbox_dir
+    db = s.db_path
+    if not os.path.isdir(inbox):
+        raise ConfigError(f"inbox {inbox} does not exist or is not a folder: create it or fix --inbox")
+    check_layout(s)
+    dbr = real(db)
+    if os.path.isdir(dbr):
+        raise ConfigError(f"--db {db} is a folder; pass the database file's path, e.g. {Path(db) / 'results.db'}")
+    return SitePaths(inbox=real(inbox), db=dbr, model=real(s.model_path), processed=real(s.processed_path),
+                     quarantine=real(s.quarantine_path))
