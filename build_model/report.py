@@ -17,7 +17,8 @@ def confusion_md(cm: list[list[int]], labels: list[str]) -> str:
 
 
 def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thresholds: dict, calib: dict,
-           quant: dict, parity: dict, padding: dict, training: dict, primary: str, citation: str, license_text: str) -> str:
+           quant: dict, parity: dict, padding: dict, training: dict, primary: str, citation: str, license_text: str,
+           sources: dict | None = None) -> str:
     f, q = cmp["fp32"], cmp["int8"]
     out = [f"# Model report: {model_id_hint}", "",
            "Decision support for dermoscopy triage, **not a diagnostic device**. Every number below is measured on the "
@@ -54,6 +55,7 @@ def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thre
                     _pct(t.get("val_specificity")), _pct(t.get("test_sensitivity")), _pct(t.get("test_specificity")),
                     _pct(t.get("test_flag_rate"))] for n, t in thresholds.items() if "labels" in t]), "",
            f"Low-confidence flag: top-1 calibrated probability below {thresholds['low_confidence']['top1_probability']:.2f}.", "",
+           *(_sources_md(sources, primary) if sources else []),
            "## Quantization", "",
            "ONNX Runtime static quantization, QDQ format, per-channel symmetric INT8 weights, asymmetric UINT8 activations, "
            "after `quant_pre_process`; calibration images from the training split, stratified by class. Candidates "
@@ -79,7 +81,9 @@ def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thre
            f"Data: {training.get('source')} ({training.get('layout')}), {training.get('images')} images, "
            f"{training.get('groups')} lesions; split by lesion, stratified by class, seed {training.get('seed')}.", "",
            _table(["split"] + labels, [[s] + [str(training["counts"][s].get(k, 0)) for k in labels] for s in ("train", "val", "test")]), "",
-           f"EfficientNet-Lite0 (ImageNet init), {training['config']['image_size']} px, AdamW lr {training['config']['lr']}, "
+           f"EfficientNet-{training['config'].get('arch', 'lite0').title()} (ImageNet init), {training['config']['image_size']} px, "
+           f"augmentation `{training['config'].get('augment', 'legacy')}`, masked loss {training['config'].get('masked_loss', False)}, "
+           f"source power {training['config'].get('source_power', 0.0)}, AdamW lr {training['config']['lr']}, "
            f"cosine schedule with warm-up, label smoothing {training['config']['label_smoothing']}, class-balanced sampling "
            f"(power {training['config']['sampling_power']}) and class-weighted loss (power {training['config']['loss_power']}), "
            f"best epoch {training.get('best_epoch')} of {len(training.get('history', []))} run.", "",
@@ -97,3 +101,26 @@ def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thre
            "Trained at low resolution (200x150 sources), which limits fine dermoscopic structure.",
            ]
     return "\n".join(out) + "\n"
+
+
+def _ci(v: float, ci) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def _sources_md(sources: dict, primary: str) -> list[str]:
+    """Each source's own test split, on the classes it labels, with the shipped variant and thresholds."""
+    rows = []
+    for name, r in sources.items():
+        mel = r.get("flag_rules", {}).get("melanoma", {})
+        rows.append([name, str(r["n"]), ", ".join(r["classes"]), _ci(r["mel_auc"], r.get("mel_auc_ci")),
+                     _ci(r["balanced_accuracy"], r.get("balanced_accuracy_ci")),
+                     _ci(mel["sensitivity"], mel.get("sensitivity_ci")) if mel else "n/a",
+                     _ci(r["benign_unflagged"], r.get("benign_unflagged_ci")) if "benign_unflagged" in r else "n/a",
+                     _pct(r.get("flag_rate"))])
+    return ["## Other sources (each source's own test split)", "",
+            f"The shipped {primary.upper()} model with the bundle's temperature and thresholds, per training source, each "
+            "scored only on the classes that source labels (balanced accuracy over those classes). Bootstrap 95% "
+            "intervals. For a source the model was not trained on, run `build-model evaluate --bundle THIS --data "
+            "NAME=PATH`.", "",
+            _table(["source", "images", "classes", "melanoma AUC", "balanced accuracy", "melanoma flag sensitivity",
+                    "benign lesions unflagged", "flag rate (any rule)"], rows), ""]

@@ -235,6 +235,22 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
             "test": {v: {k: cmp[v][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc")} |
                      {"mel_sensitivity": cmp[v]["per_class"].get("mel", {}).get("sensitivity")} for v in ("fp32", "int8")}}
     result = {"gate": gate, "primary": primary, "tta": tta, **fin}
+    if len(ds.sources) > 1:  # the report's "other sources": each source's own test split, shipped variant
+        from .evaluate import evaluate_source
+
+        t_logits = q_test if primary == "int8" else f_test
+        probs = softmax(t_logits, fin["temperature"])
+        src = np.array([ds.source_of[i] for i in te])
+        rules = {k: v for k, v in fin["thresholds"].items() if "labels" in v}
+        result["sources"] = {}
+        for name in ds.sources:
+            m = src == name
+            if m.any():
+                r = evaluate_source(probs[m], yt[m], labels, ds.source_labels[name], rules, reps=1000, seed=seed)
+                result["sources"][name] = {k: r[k] for k in ("n", "classes", "mel_auc", "mel_auc_ci", "balanced_accuracy",
+                                                             "balanced_accuracy_ci", "macro_auc", "ece", "flag_rules",
+                                                             "benign_unflagged", "benign_unflagged_ci", "flag_rate", "per_class")
+                                           if k in r}
     _write(work / "validate.json", result)
     log(f"validate: primary {primary}; T={fin['temperature']:.3f}; thresholds " +
         ", ".join(f"{k} {v['probability']:.4f} (test sens {v.get('test_sensitivity', 0):.3f} spec {v.get('test_specificity', 0):.3f})"
@@ -298,7 +314,7 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
     md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-{arch.title()} {pre.input_size}px", labels=ds.labels,
                 cmp=val["comparison"], gate=val["gate"], thresholds=val["thresholds"], calib=val["calibration"],
                 quant=quant, parity=par, padding=training["padding_check"], training=training,
-                primary=val["primary"], citation=citation, license_text=license_text)
+                primary=val["primary"], citation=citation, license_text=license_text, sources=val.get("sources"))
     split_csv = work / "split.csv"
     shutil.copyfile(out / "split.csv", split_csv) if (out / "split.csv").exists() else None
     manifest = write_bundle(out, fp32=work / "model.fp32.onnx", int8=work / "model.int8.onnx", split_csv=split_csv,
