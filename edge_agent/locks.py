@@ -110,8 +110,9 @@ def lock_database(db: Path) -> Lock:
     """Exclusive lock on `<db>.lock` (created 0600), with this process's pid/command/start time in it."""
     path = db.with_name(db.name + ".lock")
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, mode=0o700)
+        # exist_ok: two agents started together both find the folder missing; the loser of the mkdir race
+        # must go on to the lock (and be refused there, naming the holder), not fail on "File exists".
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise Busy(f"cannot create the lock file {path} ({e.strerror}); make the database's folder writable by "
