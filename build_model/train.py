@@ -289,12 +289,18 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
                                          persistent_workers=False)
     stream = iter(loader)
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    while state["step"] < total and state["bad_epochs"] < cfg.patience:
-        epoch = state["step"] // steps_per_epoch
+    while state["bad_epochs"] < cfg.patience:
+        if len(state["history"]) < state["step"] // steps_per_epoch:
+            # Killed between an epoch's last step (checkpointed) and its validation: validate it now.
+            epoch, start_in_epoch = len(state["history"]), steps_per_epoch
+        elif state["step"] < total:
+            epoch = state["step"] // steps_per_epoch
+            start_in_epoch = state["step"] - epoch * steps_per_epoch
+        else:
+            break
         if cal_x is not None:  # weights moved: re-measure the ranges ORT's calibrator would see now
             calibrate(model, cal_x.contiguous(memory_format=torch.channels_last))
         model.train(not cfg.qat)  # QAT: BatchNorm frozen and no dropout, see qat.py
-        start_in_epoch = state["step"] - epoch * steps_per_epoch
         bar = tqdm(range(start_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", mininterval=5, initial=start_in_epoch, total=steps_per_epoch,
                    disable=dev.type == "cuda")
@@ -336,7 +342,7 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         if cfg.qat:  # the gate's measure, simulated: rounded vs float top-1 on val
             with float_pass(model):
                 val["qat_agreement"] = float((predict_logits(model, va_x, pre).argmax(1) == val_logits.argmax(1)).mean())
-        rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(run_loss) / max(seen, 1),
+        rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(run_loss) / seen if seen else float("nan"),
                "train_acc": float(run_acc) / max(seen, 1), "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
                "val_mel_sensitivity": val["per_class"].get("mel", {}).get("sensitivity"),

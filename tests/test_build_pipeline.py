@@ -128,3 +128,20 @@ def test_training_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     state = torch.load(work / "last.pt", weights_only=False)["state"]
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert (work / "best.pt").exists()
+
+
+def test_a_kill_between_the_last_step_and_its_validation_is_validated_on_resume(tmp_path: Path) -> None:
+    """The checkpoint after an epoch's last step, then a kill before that epoch's validation: the resumed run
+    must validate the epoch (and choose best.pt), not see 'all steps done' and skip it."""
+    data = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
+    out, work = tmp_path / "b", tmp_path / "w"
+    args = ["train", "--data", str(data), "--out", str(out), "--workdir", str(work), "--epochs", "1", *TINY]
+    assert cli(*args).returncode == 0
+    ck = torch.load(work / "last.pt", weights_only=False)
+    ck["state"]["history"], ck["state"]["best"], ck["state"]["best_epoch"] = [], -1.0, -1
+    torch.save(ck, work / "last.pt")
+    (work / "best.pt").unlink()
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 1:" in r.stderr and (work / "best.pt").exists()
+    assert [h["epoch"] for h in torch.load(work / "last.pt", weights_only=False)["state"]["history"]] == [1]
