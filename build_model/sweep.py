@@ -169,6 +169,8 @@ class Sweep:
         if self.export_dir:  # as we go: a run stopped at its time limit still hands back what it finished
             self.export_dir.mkdir(parents=True, exist_ok=True)
             for name in ("sweep.json", "sweep.log"):
+                if not (self.out / name).exists():  # a Sweep driven from Python has no log file
+                    continue
                 shutil.copyfile(self.out / name, self.export_dir / (name + ".tmp"))
                 os.replace(self.export_dir / (name + ".tmp"), self.export_dir / name)
 
