@@ -194,7 +194,9 @@ def run(config_file: Path | None, **flags: Any) -> None:
 @main.command()
 @_settings_options
 def scan(config_file: Path | None, **flags: Any) -> None:
-    """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome)."""
+    """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome; 1: some were
+    left in the inbox, named in the summary - e.g. a truncated file changed less than partial_timeout_seconds
+    ago, which may still be being copied and is judged as `run` judges it)."""
     s = _load(flags, config_file)
     logsetup.setup(s.log_level)
     from .infer import InferenceError
