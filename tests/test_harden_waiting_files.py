@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -85,3 +86,39 @@ def test_status_names_the_waiting_files_with_age_and_why(dirs, bundle_dir, examp
         assert {w["file"] for w in js["waiting"]} == {"half.jpg", "late.jpg", "sub/upload.jpg.part"}
         assert all(w["age_seconds"] >= 0 and w["why"] for w in js["waiting"])
         assert js["backlog"] == 2 and js["uploads_in_progress"] == 1
+
+
+def test_status_names_what_the_running_daemon_waits_for(procs, dirs, bundle_dir, example_images) -> None:
+    """`run` defers a truncated file (it may still grow); `status` says which file, how old, and why."""
+    import subprocess
+
+    from conftest import agent_cmd, agent_env, wait_for
+
+    p = subprocess.Popen(agent_cmd("run", "--inbox", str(dirs["inbox"]), "--db", str(dirs["db"]), "--model",
+                                   str(bundle_dir), "--trusted-keys", str(TEST_PUBLIC_KEY), "--workers", "1",
+                                   "--threads", "1", "--quiet-seconds", "0.2"),
+                         env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append(p)
+    good = example_images[0].read_bytes()
+    def started() -> bool:
+        try:
+            return bool(rows(dirs["db"], "SELECT value FROM agent_state WHERE key = 'heartbeat'"))
+        except sqlite3.Error:  # not created yet
+            return False
+
+    wait_for(started, timeout=60, what="the agent's first state")
+    (dirs["inbox"] / "half.jpg").write_bytes(good[: len(good) // 2])
+
+    def named() -> str | None:
+        st = run_agent("status", "--db", str(dirs["db"]))
+        return st.stdout if "looks incomplete (truncated file)" in st.stdout else None
+
+    out = wait_for(named, timeout=60, what="status naming the deferred file")
+    assert "agent:           running" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("half.jpg (changed "))
+    assert "possibly still being copied" in line and "quarantined if unchanged for 600 s" in line, out
+    assert rows(dirs["db"], "SELECT * FROM quarantine") == []
+    (dirs["inbox"] / "half.jpg").write_bytes(good)  # the rest arrives: screened, no longer waiting
+    wait_for(lambda: rows(dirs["db"], "SELECT id FROM results"), timeout=60, what="the completed file's result")
+    p.terminate()
+    assert p.wait(60) == 0
