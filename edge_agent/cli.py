@@ -286,10 +286,10 @@ def scan(config_file: Path | None, **flags: Any) -> None:
               help="also scan this many images (all sizes mixed) and report its peak RSS; 0 skips it")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="scratch folder for generated images and runs (default: $TMPDIR/edge-agent-bench)")
-@click.option("--threads", type=click.IntRange(min=1), help="agent setting: onnxruntime intra-op threads")
-@click.option("--workers", type=click.IntRange(min=1), help="agent setting: hash/decode threads")
-@click.option("--batch-size", type=click.IntRange(min=1), help="agent setting: largest inference batch")
-@click.option("--queue-max", type=click.IntRange(min=1), help="agent setting: images in flight")
+@click.option("--threads", type=click.IntRange(min=1), help="agent setting: " + _help("threads"))
+@click.option("--workers", type=click.IntRange(min=1), help="agent setting: " + _help("workers"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="agent setting: " + _help("batch_size"))
+@click.option("--queue-max", type=click.IntRange(min=1), help="agent setting: " + _help("queue_max"))
 @click.option("--naive/--no-naive", default=True, show_default=True, help="run the naive reference loop")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="repeat each stage measured alone until it has run this long")

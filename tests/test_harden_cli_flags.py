@@ -105,3 +105,11 @@ def test_format_json_everywhere_and_json_alias(dirs, bundle_dir: Path, example_i
             json.loads(text.stdout)
     for cmd in (["bench"], ["results"]):
         assert "--format" in run_agent(*cmd, "--help").stdout
+
+
+def test_bench_shows_the_agent_defaults_it_overrides() -> None:
+    from edge_agent.config import default_text
+
+    text = re.sub(r"\s+", " ", run_agent("bench", "--help").stdout)
+    for k in ("threads", "workers", "batch_size", "queue_max"):
+        assert f"{flag(k)} " in text and f"[default: {default_text(k)}]" in text, k
