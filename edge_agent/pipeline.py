@@ -554,7 +554,7 @@ class Agent:
         if c.abandoned:
             self._emit(Outcome("quarantine", job, code="abandoned_partial", reason=(
                 f"'{Path(c.rel).name}' has a temporary upload name and did not change for "
-                f"{self.s.partial_timeout_seconds:.0f} s without being renamed: the transfer was probably interrupted; "
+                f"{self.s.partial_timeout_seconds:g} s without being renamed: the transfer was probably interrupted; "
                 "send the image again")))
             return
         if not self.claims.claim(job.sha256, job):
@@ -596,7 +596,7 @@ class Agent:
             else:
                 reason = r.reason
                 if r.maybe_incomplete and c.final:
-                    reason += f" (unchanged for {self.s.partial_timeout_seconds:.0f} s)"
+                    reason += f" (unchanged for {self.s.partial_timeout_seconds:g} s)"
                 self._emit(Outcome("quarantine", job, code=r.code, reason=reason))
             return
         self.poison.cleared(job.sha256)
@@ -685,7 +685,7 @@ class Agent:
         c = o.job.cand
         kind = o.kind
         if kind == "defer":
-            log.info("%s looks incomplete (%s); waiting for the rest of it (quarantined once unchanged for %.0f s)",
+            log.info("%s looks incomplete (%s); waiting for the rest of it (quarantined once unchanged for %g s)",
                      c.rel, o.code, self.s.partial_timeout_seconds)
             self.intake.done(c.rel, defer=True, note=o.code)
             return

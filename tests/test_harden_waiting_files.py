@@ -57,7 +57,7 @@ def test_scan_quarantines_a_truncated_file_unchanged_for_the_partial_timeout(dir
     r = _scan(dirs, bundle_dir, "--partial-timeout-seconds", "0.2")
     assert r.returncode == 0, r.stdout + r.stderr
     q = rows(dirs["db"], "SELECT reason_code, reason FROM quarantine")
-    assert [x["reason_code"] for x in q] == ["truncated"] and "unchanged for 0 s" in q[0]["reason"], q
+    assert [x["reason_code"] for x in q] == ["truncated"] and "unchanged for 0.2 s" in q[0]["reason"], q
     assert "left in the inbox" not in r.stdout
 
 
