@@ -32,14 +32,13 @@ import click
 from . import __version__
 from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
-from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, load_settings
+from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
-from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, status as db_status, to_iso
+from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, to_iso
 
 log = logging.getLogger("edge_agent.cli")
 
 EXIT_INCOMPLETE, EXIT_CONFIG, EXIT_RUNTIME, EXIT_HUP = 1, 2, 3, 4
-FALLBACK_WARN_FRACTION = 0.05
 
 
 def _fail(msg: str, code: int = EXIT_CONFIG) -> NoReturn:
@@ -50,22 +49,37 @@ def _fail(msg: str, code: int = EXIT_CONFIG) -> NoReturn:
 # --- options shared by `run` and `scan`, generated from Settings -------------------------
 
 _FLAG_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+
+
+def _flag(name: str) -> str:
+    """The flag of setting `name`: the config key with dashes (config.example.toml promises exactly that)."""
+    return "--" + name.replace("_", "-")
+
+
+def _help(name: str, extra: str = "") -> str:
+    """The setting's help with its real default (the flags themselves default to None, so that an unset flag
+    leaves the environment and the config file in charge, and click cannot show the default itself)."""
+    text = default_text(name)
+    return HELP[name] + extra + (f"  [default: {text}]" if text is not None else "")
+
+
+# Repeatable settings keep their old singular flag as a second name (--provider, --threshold, --trusted-key).
 _SPECIAL = {
-    "inbox": click.option("--inbox", type=click.Path(path_type=Path), help=HELP["inbox"]),
-    "providers": click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeat "
-                              "for several, in order of preference; default CPUExecutionProvider)"),
-    "thresholds": click.option("--threshold", "thresholds", multiple=True, metavar="NAME=P",
-                               help="stricter threshold for a bundle rule, e.g. melanoma=0.2 or low_confidence=0.6 "
-                                    "(repeatable)"),
-    "threshold_override": click.option("--threshold-override/--no-threshold-override", default=None,
-                                       help=HELP["threshold_override"]),
-    "after": click.option("--after", type=click.Choice(AFTER_CHOICES), help=HELP["after"]),
-    "log_level": click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
-                              help="log level (default INFO)"),
-    "trusted_keys": click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
-                                 metavar="PUBFILE", help=HELP["trusted_keys"] + " (repeatable)"),
-    "allow_unsigned_bundle": click.option("--allow-unsigned-bundle/--no-allow-unsigned-bundle", default=None,
-                                          help=HELP["allow_unsigned_bundle"]),
+    "inbox": click.option(_flag("inbox"), type=click.Path(path_type=Path), help=_help("inbox")),
+    "providers": click.option(_flag("providers"), "--provider", "providers", multiple=True,
+                              help=_help("providers", " (repeatable)")),
+    "thresholds": click.option(_flag("thresholds"), "--threshold", "thresholds", multiple=True, metavar="NAME=P",
+                               help=_help("thresholds", ", e.g. melanoma=0.2 or low_confidence=0.6 (repeatable)")),
+    "threshold_override": click.option(_flag("threshold_override") + "/--no-threshold-override", default=None,
+                                       help=_help("threshold_override")),
+    "after": click.option(_flag("after"), type=click.Choice(AFTER_CHOICES), help=_help("after")),
+    "log_level": click.option(_flag("log_level"), type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                              help=_help("log_level")),
+    "trusted_keys": click.option(_flag("trusted_keys"), "--trusted-key", "trusted_keys", multiple=True,
+                                 type=click.Path(path_type=Path), metavar="PUBFILE",
+                                 help=_help("trusted_keys", " (repeatable)")),
+    "allow_unsigned_bundle": click.option(_flag("allow_unsigned_bundle") + "/--no-allow-unsigned-bundle", default=None,
+                                          help=_help("allow_unsigned_bundle")),
 }
 
 
@@ -76,16 +90,22 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
             opts.append(_SPECIAL[name])
             continue
         typ = str(fld.type)
-        flag = "--" + name.replace("_", "-")
         if "Path" in typ:
-            opts.append(click.option(flag, name, type=click.Path(path_type=Path), help=HELP[name]))
+            opts.append(click.option(_flag(name), name, type=click.Path(path_type=Path), help=_help(name)))
         else:
-            opts.append(click.option(flag, name, type=_FLAG_TYPES[typ], help=HELP[name]))
+            opts.append(click.option(_flag(name), name, type=_FLAG_TYPES[typ], help=_help(name)))
     opts.append(click.option("--config", "config_file", type=click.Path(path_type=Path),
                              help="TOML settings file (or EDGE_AGENT_CONFIG); flags > environment > file > defaults"))
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def _format_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--format text|json` (as `results` takes it) and the older `--json`, kept as an alias."""
+    f = click.option("--json", "as_json", is_flag=True, help="same as --format json")(f)
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                        help="output format (json: for scripts)")(f)
 
 
 def _load(flags: dict[str, Any], config_file: Path | None) -> Settings:
@@ -174,7 +194,9 @@ def run(config_file: Path | None, **flags: Any) -> None:
 @main.command()
 @_settings_options
 def scan(config_file: Path | None, **flags: Any) -> None:
-    """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome)."""
+    """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome; 1: some were
+    left in the inbox, named in the summary - e.g. a truncated file changed less than partial_timeout_seconds
+    ago, which may still be being copied and is judged as `run` judges it)."""
     s = _load(flags, config_file)
     logsetup.setup(s.log_level)
     from .infer import InferenceError
@@ -233,6 +255,16 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
     if len(quarantined) > 20:
         click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
+    left = agent.left_in_inbox()
+    for rel, why, age in left[:20]:
+        what = "temporary upload name, waits for its rename" if why == "temporary name" else \
+            f"{why}: possibly still being copied"
+        click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({what}; changed {age:.0f} s ago)")
+    if len(left) > 20:
+        click.echo(f"  ... and {len(left) - 20} more left in the inbox (see `edge-agent status`)")
+    if left:
+        click.echo(f"  files that look incomplete are quarantined once unchanged for {s.partial_timeout_seconds:g} s "
+                   "(partial_timeout_seconds), as `run` does; run scan again after the copy has finished")
     if code == EXIT_INCOMPLETE:
         click.echo("edge-agent: some files in the inbox did not get an outcome (still being written?); run scan "
                    "again", err=True)
@@ -254,19 +286,19 @@ def scan(config_file: Path | None, **flags: Any) -> None:
               help="also scan this many images (all sizes mixed) and report its peak RSS; 0 skips it")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="scratch folder for generated images and runs (default: $TMPDIR/edge-agent-bench)")
-@click.option("--threads", type=click.IntRange(min=1), help="agent setting: onnxruntime intra-op threads")
-@click.option("--workers", type=click.IntRange(min=1), help="agent setting: hash/decode threads")
-@click.option("--batch-size", type=click.IntRange(min=1), help="agent setting: largest inference batch")
-@click.option("--queue-max", type=click.IntRange(min=1), help="agent setting: images in flight")
+@click.option("--threads", type=click.IntRange(min=1), help="agent setting: " + _help("threads"))
+@click.option("--workers", type=click.IntRange(min=1), help="agent setting: " + _help("workers"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="agent setting: " + _help("batch_size"))
+@click.option("--queue-max", type=click.IntRange(min=1), help="agent setting: " + _help("queue_max"))
 @click.option("--naive/--no-naive", default=True, show_default=True, help="run the naive reference loop")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="repeat each stage measured alone until it has run this long")
 @click.option("--skip", type=click.IntRange(min=0), help="results excluded from the steady-state rate "
               "(default queue_max + batch_size: start-up and the queue filled while the model loads)")
-@click.option("--json", "as_json", is_flag=True, help="print JSON (to compare runs over time)")
+@_format_options
 def bench(source: Path, model: Path | None, count: int, sizes: str, long_count: int, workdir: Path | None,
           threads: int | None, workers: int | None, batch_size: int | None, queue_max: int | None, naive: bool,
-          min_seconds: float, skip: int | None, as_json: bool) -> None:
+          min_seconds: float, skip: int | None, fmt: str, as_json: bool) -> None:
     """System-level benchmark: scan throughput, per-stage time, naive baseline, cold start, peak RSS."""
     from .bench import dumps, parse_sizes, render, run
 
@@ -280,7 +312,7 @@ def bench(source: Path, model: Path | None, count: int, sizes: str, long_count: 
                      log=lambda m: click.echo(f"bench: {m}", err=True))
     except (ConfigError, BundleError, ValueError, RuntimeError) as e:
         _fail(str(e), EXIT_RUNTIME)
-    click.echo(dumps(result) if as_json else render(result))
+    click.echo(dumps(result) if as_json or fmt == "json" else render(result))
 
 
 # --- results -----------------------------------------------------------------------------
@@ -353,118 +385,26 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
 
 # --- status ------------------------------------------------------------------------------
 
-def _inbox_backlog(inbox: str, exclude: list[str]) -> int | None:
-    """Files waiting in the inbox right now (what the agent would take), or None if it cannot be read."""
-    from .intake import name_kind
-
-    if not inbox or not os.path.isdir(inbox):
-        return None
-    ex = [os.path.abspath(p) for p in exclude if p]
-    n = 0
-    for dirpath, dirnames, filenames in os.walk(inbox, onerror=lambda e: None):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in ex]
-        n += sum(1 for f in filenames if name_kind(f) == "image")
-    return n
-
-
-def _disk_warnings(agent: dict[str, Any], db_path: Path) -> list[str]:
-    """Free space and read-only mounts of the folders the agent writes, measured now: a full disk cannot be
-    recorded in a database that lives on it, so `status` looks for itself."""
-    try:
-        need = max(float(agent.get("min_free_mb") or 0), 1.0)
-    except ValueError:
-        need = 1.0
-    out: list[str] = []
-    seen: set[int] = set()
-    for label, path in (("database", str(db_path.parent)), ("inbox", agent.get("inbox", "")),
-                        ("processed", agent.get("processed_dir", "")), ("quarantine", agent.get("quarantine_dir", ""))):
-        try:
-            if not path or not os.path.isdir(path):
-                continue
-            fs = os.statvfs(path)
-            dev = os.stat(path).st_dev
-        except OSError:
-            continue
-        free_mb = fs.f_bavail * fs.f_frsize / 2**20
-        if fs.f_flag & os.ST_RDONLY:
-            out.append(f"the {label} folder {path} is on a read-only file system: the agent cannot record or move "
-                       "files there until it is writable again")
-        elif free_mb < need and dev not in seen:
-            out.append(f"low disk space: the {label} folder {path} has {free_mb:.1f} MiB free (the agent pauses "
-                       f"intake below min_free_mb {need:.0f}); free some space - it resumes by itself")
-        seen.add(dev)
-    return out
-
-
-def _pid_alive(pid: str | None) -> bool:
-    try:
-        os.kill(int(pid or 0), 0)
-        return int(pid or 0) > 0
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
 @main.command()
 @_db_options
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(db: Path | None, config_file: Path | None, as_json: bool) -> None:
-    """Counts, last activity, model in use, fallbacks, backlog and warnings (exit 1 when there is a warning)."""
+@_format_options
+def status(db: Path | None, config_file: Path | None, fmt: str, as_json: bool) -> None:
+    """Counts, last activity, model in use, fallbacks, the files waiting in the inbox (named, with their age and
+    why they wait) and warnings (exit 1 when there is a warning)."""
+    from .status import collect, render
+
     s, conn = _open_db(db, config_file)
     try:
-        st = db_status(conn)
+        st = collect(conn, s.db_path)
     except sqlite3.DatabaseError as e:
         _not_ours(s.db_path, e)
-    agent = st["agent"]
-    beat = st.get("agent_updated_at")
-    age = None
-    if beat:
-        age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat.replace("Z", "+00:00"))).total_seconds()
-    running = bool(agent.get("mode") == "run" and not agent.get("stopped_at") and age is not None and age < 30
-                   and _pid_alive(agent.get("pid")))
-    live = _inbox_backlog(agent.get("inbox", ""), [agent.get("processed_dir", ""), agent.get("quarantine_dir", "")])
-    st["running"] = running
-    st["backlog"] = live if live is not None else int(agent.get("backlog") or 0)
-    warnings = []
-    if st["recent_results"] and st["recent_fallback_fraction"] > FALLBACK_WARN_FRACTION:
-        warnings.append(f"{st['recent_fallbacks']} of the last {st['recent_results']} results "
-                        f"({st['recent_fallback_fraction']:.0%}) came from the fallback model: the primary model "
-                        "fails on this machine - run `edge-agent model verify` and check the logs")
-    if agent.get("paused"):
-        warnings.append(f"intake paused: {agent['paused']}")
-    warnings += _disk_warnings(agent, s.db_path)
-    if st["files_not_moved"] and not running:
-        warnings.append(f"{st['files_not_moved']} recorded file(s) were not moved out of the inbox yet; they are "
-                        "finished at the next start")
-    if agent.get("mode") == "run" and not running and not agent.get("stopped_at"):
-        warnings.append("the agent is not running (no heartbeat for 30 s and it did not stop cleanly); check "
-                        "`systemctl status` / the journal")
-    st["warnings"] = warnings
-    if as_json:
+    if as_json or fmt == "json":
         click.echo(json.dumps(st, indent=2, default=str))
     else:
-        lines = [
-            f"database:        {s.db_path} (schema v{st['schema_version']})",
-            f"agent:           {'running' if running else 'not running'} (pid {agent.get('pid', '-')}, last heartbeat "
-            f"{beat or 'never'})",
-            f"model in use:    {agent.get('model_id', '-')} [{agent.get('model_variant', '-')}"
-            f"{' FALLBACK' if agent.get('model_fallback_active') == '1' else ''}]",
-            f"results:         {st['results']} ({st['flagged']} flagged for review: {st['high_risk']} high risk, "
-            f"{st['poor_quality']} poor quality, {st['disagreements']} model disagreements)",
-            f"quarantined:     {st['quarantined']}",
-            f"duplicates:      {st['duplicates']}",
-            f"fallbacks:       {st['fallback_results']} results from the fallback model, {st['fallback_events']} "
-            "fallback events",
-            f"last activity:   {st['last_activity'] or 'never'}",
-            f"inbox backlog:   {st['backlog']} file(s) waiting" + (f" in {agent['inbox']}" if agent.get("inbox") else ""),
-        ]
-        if agent.get("paused"):
-            lines.append(f"paused:          {agent['paused']}")
-        click.echo("\n".join(lines))
-        for w in warnings:
+        click.echo("\n".join(render(st, s.db_path, logsetup.printable)))
+        for w in st["warnings"]:
             click.echo(f"WARNING: {w}", err=True)
-    sys.exit(1 if warnings else 0)
+    sys.exit(1 if st["warnings"] else 0)
 
 
 # --- model -------------------------------------------------------------------------------
@@ -515,11 +455,12 @@ def _signature_line(rep: Any) -> str:
 
 @model.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@_format_options
 @_trust_options
-def info(bundle: Path | None, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
+def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
          allow_unsigned_bundle: bool | None) -> None:
     """Show a bundle: id, labels, variants, thresholds, gate verdict, signature and checksum status."""
+    as_json = as_json or fmt == "json"
     rep = _verify_with_trust(_bundle_arg(bundle), config_file, trusted_keys, allow_unsigned_bundle)
     m = rep.manifest or {}
     if as_json:
@@ -563,12 +504,13 @@ def info(bundle: Path | None, as_json: bool, config_file: Path | None, trusted_k
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--load/--no-load", default=True, show_default=True,
               help="also open every model variant in onnxruntime and run one zero image through it")
-@click.option("--json", "as_json", is_flag=True)
+@_format_options
 @_trust_options
-def verify(bundle: Path | None, load: bool, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
+def verify(bundle: Path | None, load: bool, fmt: str, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
            allow_unsigned_bundle: bool | None) -> None:
     """Check a bundle: signature, format version, checksums, unlisted files, labels, thresholds, gate; exit 1 on
     problems."""
+    as_json = as_json or fmt == "json"
     rep = _verify_with_trust(_bundle_arg(bundle), config_file, trusted_keys, allow_unsigned_bundle)
     if rep.ok and load:
         _check_loads(rep)

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING as _MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +100,21 @@ FIELDS = {f.name: f for f in fields(Settings)}
 HELP: dict[str, str] = {
     "inbox": "folder watched for new images",
     "db": "SQLite results database (created 0600)",
-    "model": "model bundle folder (default: the bundle shipped with the package)",
-    "processed_dir": "where screened images go (default: INBOX/../processed)",
-    "quarantine_dir": "where unusable files go (default: INBOX/../quarantine, created 0700)",
+    "model": "model bundle folder",
+    "processed_dir": "where screened images go",
+    "quarantine_dir": "where unusable files go (created 0700)",
     "after": "what to do with an inbox file once its outcome is committed",
     "providers": "onnxruntime execution providers, in order of preference",
     "threads": "onnxruntime intra-op threads",
     "workers": "threads that hash, decode and preprocess images",
     "batch_size": "largest inference batch",
     "spot_check_fraction": "fraction of images also run on the FP32 model to catch INT8 drift (0 disables)",
-    "thresholds": "per-rule threshold overrides, e.g. melanoma=0.2; may only be stricter than the bundle's unless threshold_override",
+    "thresholds": "per-rule threshold overrides; may only be stricter than the bundle's unless threshold_override",
     "threshold_override": "allow thresholds less strict than the bundle's (needs a clinician's approval)",
     "quiet_seconds": "a file without close/rename events counts as complete after this long without changes",
     "rescan_seconds": "full inbox rescan interval, catches missed events (network shares, inotify overflow)",
-    "partial_timeout_seconds": "a temp (.part/.tmp/~) or truncated file unchanged this long is quarantined as abandoned",
+    "partial_timeout_seconds": "a temp-named (.part/.tmp/~), empty or truncated file is quarantined once unchanged "
+                               "this long (run and scan alike: scan leaves younger ones in the inbox and names them)",
     "max_pixels": "largest accepted image (width x height), read from the header before decoding",
     "max_file_mb": "largest accepted file size in MiB",
     "min_sharpness": "variance of Laplacian (at <=256 px) below which an image is flagged blurry",
@@ -128,6 +129,36 @@ HELP: dict[str, str] = {
     "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
                              "an event at every start)",
 }
+
+
+# How `--help` shows a default that is computed (or that a flag cannot show as a plain value).
+_DEFAULT_TEXT: dict[str, str] = {
+    "threads": "min(4, CPUs)",
+    "workers": "min(4, CPUs)",
+    "thresholds": "the bundle's",
+    "providers": "CPUExecutionProvider",
+    "model": "the bundle shipped with the package",
+    "processed_dir": "INBOX/../processed",
+    "quarantine_dir": "INBOX/../quarantine",
+    "trusted_keys": "only the project's key",
+}
+
+
+def default_text(name: str) -> str | None:
+    """The default of setting `name` as `--help` shows it (None: no default, e.g. inbox and db must be given).
+
+    Read from Settings itself, so help can never drift from what the agent really uses."""
+    if name in _DEFAULT_TEXT:
+        return _DEFAULT_TEXT[name]
+    f = FIELDS[name]
+    if f.default is _MISSING or f.default is None or f.default == ():
+        return None
+    v = f.default
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
 
 
 # EDGE_AGENT_* variables that are not settings but are still ours (add new ones here, or they are refused).

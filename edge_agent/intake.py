@@ -70,6 +70,7 @@ class _Track:
     provisional: bool = False
     ready: bool = False
     last_stat: float = 0.0
+    note: str = ""  # why it was deferred (the check it failed, e.g. "truncated")
 
 
 def _key(s: os.stat_result) -> StatKey:
@@ -253,7 +254,7 @@ class Intake:
         return out
 
     def done(self, rel: str, *, settle: bool = False, defer: bool = False, retry: bool = False,
-             recheck: bool = False) -> None:
+             recheck: bool = False, note: str = "") -> None:
         """The pipeline is finished with a file.
 
         settle: the file stays in the inbox on purpose (after=keep, or it could
@@ -269,7 +270,8 @@ class Intake:
                 tr.ready = tr.confirmed = tr.provisional = False
                 return
             if defer and tr is not None:
-                tr.ready, tr.deferred, tr.confirmed = False, True, False
+                tr.ready, tr.deferred, tr.confirmed, tr.note = False, True, False, note
+                self._check(rel, tr, time.monotonic())  # already unchanged for partial_timeout: judge it now
                 return
             if retry and tr is not None:
                 tr.ready = True
@@ -300,6 +302,25 @@ class Intake:
         with self._lock:
             return sum(1 for r, t in self._tracks.items() if t.kind != "temp" or t.ready or r in self._inflight) + \
                 sum(1 for r in self._inflight if r not in self._tracks)
+
+    def waiting(self) -> list[tuple[str, str, float]]:
+        """(rel, why, seconds since it last changed) of files left waiting: ones that looked incomplete
+        (deferred: quarantined once unchanged for partial_timeout) and temp-named uploads; oldest change first.
+
+        A one-shot scan ends with these still in the inbox and names them, rather than waiting
+        partial_timeout itself or quarantining a file whose copy may still be running."""
+        now = time.monotonic()
+        with self._lock:
+            out = [(rel, t.note or "looks incomplete" if t.deferred else "temporary name", now - t.last_change)
+                   for rel, t in self._tracks.items()
+                   if not t.ready and rel not in self._inflight and (t.deferred or t.kind == "temp")]
+        return sorted(out, key=lambda x: -x[2])
+
+    def deferred(self) -> int:
+        """Image files that looked incomplete and wait for partial_timeout (temp names are not counted)."""
+        with self._lock:
+            return sum(1 for rel, t in self._tracks.items()
+                       if t.deferred and not t.ready and rel not in self._inflight and t.kind != "temp")
 
     def waiting_temp(self) -> int:
         with self._lock:

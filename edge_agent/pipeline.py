@@ -12,6 +12,7 @@ the inbox as mere paths.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -50,6 +51,7 @@ DISK_SECONDS = 10.0
 PAUSED_DISK_SECONDS = 2.0  # while paused (disk full, database unwritable), look again this often
 INTAKE_LIMIT = 10_000  # paths held in memory at most; the rest wait in the inbox for the next rescan
 MALLOC_ARENAS = 2
+STATE_WAITING = 20  # files waiting (looked incomplete, temp names) posted for `status` at most
 
 
 def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
@@ -364,8 +366,15 @@ class Agent:
         return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
 
     def _scan_pending(self) -> bool:
-        """Files still without an outcome; the cheap in-flight count first (outstanding() walks every file)."""
-        return self.intake.inflight > 0 or self.intake.overflowed or self.intake.outstanding() > 0
+        """Files still without an outcome that this scan can still give one; the cheap in-flight count first
+        (outstanding() walks every file). Files that look incomplete and changed less than partial_timeout ago
+        are not waited for: they stay in the inbox and `left_in_inbox` names them."""
+        return self.intake.inflight > 0 or self.intake.overflowed or \
+            self.intake.outstanding() > self.intake.deferred()
+
+    def left_in_inbox(self) -> list[tuple[str, str, float]]:
+        """(file, why, seconds since it last changed) for files this pass left in the inbox on purpose."""
+        return self.intake.waiting() if hasattr(self, "intake") else []
 
     def _drain_wake(self, apply: Callable[..., None] | None, timeout: float) -> None:
         try:
@@ -442,7 +451,11 @@ class Agent:
             "model_fallback_active": int(bool(engine and engine.is_fallback)),
             "inbox": str(self.inbox), "processed_dir": str(self.processed), "quarantine_dir": str(self.quarantine),
             "backlog": self.intake.backlog + self.intake.inflight, "paused": self.paused or self.db_error or "",
-            "min_free_mb": self.s.min_free_mb,
+            "min_free_mb": self.s.min_free_mb, "quiet_seconds": self.s.quiet_seconds,
+            "partial_timeout_seconds": self.s.partial_timeout_seconds,
+            # what `edge-agent status` cannot see from outside: which files wait because they looked incomplete
+            "waiting": json.dumps([{"file": rel, "why": why, "since": round(age)}
+                                   for rel, why, age in self.intake.waiting()[:STATE_WAITING]]),
         }))
 
     def _status_line(self) -> str:
@@ -541,7 +554,7 @@ class Agent:
         if c.abandoned:
             self._emit(Outcome("quarantine", job, code="abandoned_partial", reason=(
                 f"'{Path(c.rel).name}' has a temporary upload name and did not change for "
-                f"{self.s.partial_timeout_seconds:.0f} s without being renamed: the transfer was probably interrupted; "
+                f"{self.s.partial_timeout_seconds:g} s without being renamed: the transfer was probably interrupted; "
                 "send the image again")))
             return
         if not self.claims.claim(job.sha256, job):
@@ -575,12 +588,15 @@ class Agent:
             self.timing.add("decode", time.perf_counter() - t0)
             if c.provisional:  # taken early at start-up: maybe it is still being written
                 self._emit(Outcome("recheck", job, code=r.code, reason=r.reason))
-            elif r.maybe_incomplete and not (self.one_shot or c.final):
+            elif r.maybe_incomplete and not c.final:
+                # `run` and `scan` alike: an empty or truncated file may still be being copied. It is quarantined
+                # only once unchanged for partial_timeout (judged from its own timestamps when found at start,
+                # so an old one goes at once); a scan does not wait that long, it leaves it and names it.
                 self._emit(Outcome("defer", job, code=r.code, reason=r.reason))
             else:
                 reason = r.reason
-                if r.maybe_incomplete and c.final and not self.one_shot:
-                    reason += f" (unchanged for {self.s.partial_timeout_seconds:.0f} s)"
+                if r.maybe_incomplete and c.final:
+                    reason += f" (unchanged for {self.s.partial_timeout_seconds:g} s)"
                 self._emit(Outcome("quarantine", job, code=r.code, reason=reason))
             return
         self.poison.cleared(job.sha256)
@@ -669,8 +685,9 @@ class Agent:
         c = o.job.cand
         kind = o.kind
         if kind == "defer":
-            log.info("%s looks incomplete (%s); waiting for the rest of it", c.rel, o.code)
-            self.intake.done(c.rel, defer=True)
+            log.info("%s looks incomplete (%s); waiting for the rest of it (quarantined once unchanged for %g s)",
+                     c.rel, o.code, self.s.partial_timeout_seconds)
+            self.intake.done(c.rel, defer=True, note=o.code)
             return
         if kind == "recheck":
             log.debug("%s changed just before start-up and failed its checks (%s); looking again once it is "
