@@ -519,29 +519,6 @@ class Reader:
 
 # --- queries for the CLI ---------------------------------------------------------------
 
-RESULT_TABLE_COLUMNS = ("id", "processed_at", "original_name", "label", "confidence", "needs_review",
-                        "review_reasons", "model_variant")
-
-
-def query_results(conn: sqlite3.Connection, flagged: bool = False, since: str | None = None,
-                  label: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if flagged:
-        where.append("needs_review = 1")
-    if since:
-        where.append("processed_at >= ?")
-        params.append(since)
-    if label:
-        where.append("label = ?")
-        params.append(label)
-    sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY processed_at, id"
-    if limit:
-        sql += " LIMIT ?"
-        params.append(int(limit))
-    return [dict(r) for r in conn.execute(sql, params)]
-
-
 def status(conn: sqlite3.Connection, recent: int = 200) -> dict[str, Any]:
     """Counts and agent state for `edge-agent status`."""
     def one(sql: str, params: Sequence[Any] = ()) -> Any:
