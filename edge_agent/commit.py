@@ -34,6 +34,7 @@ from .decode import Decoded
 from .fsafe import Dest, Escaped, Ident, Replaced, Source, delete_file, lstat_beneath, move_file, open_beneath
 from .fsafe import ident as ident_of
 from .intake import Candidate, Intake
+from .share import Share
 from .store import Writer, damaged, describe_db_error, is_locked, is_transient, now_iso
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class Committer:
         self._held_lock = threading.Lock()
         # Inbox sub-folders emptied by the moves: removed once empty and quiet (cleanup.py)
         self.folders = EmptyFolders(intake.inbox, settings.quiet_seconds)
+        self.share = Share()  # who may read the stored images (share.py); set by the Agent
         self._next_sweep = 0.0
 
     @property
@@ -487,7 +489,7 @@ class Committer:
             day = prefer.split("/", 1)[0] if prefer else datetime.now(timezone.utc).strftime("%Y-%m-%d")
             try:
                 went = move_file(src, Dest(base, day, o.job.cand.rel, _tag(o.job), prefer),
-                                 private=o.table == "quarantine")
+                                 private=o.table == "quarantine", share=self.share)
             except (FileNotFoundError, Escaped) as e:
                 if isinstance(e, Escaped):
                     log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
