@@ -102,7 +102,7 @@ class Settings:
 FIELDS = {f.name: f for f in fields(Settings)}
 HELP: dict[str, str] = {
     "inbox": "folder watched for new images",
-    "db": "SQLite results database (created 0600)",
+    "db": "SQLite results database (created 0600, or 0640 with share_group)",
     "model": "model bundle folder (default: the bundle shipped with the package)",
     "processed_dir": "where screened images go (default: INBOX/../processed)",
     "quarantine_dir": "where unusable files go (default: INBOX/../quarantine, created 0700)",
