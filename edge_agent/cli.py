@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -232,7 +232,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
     for rel, reason in quarantined[:20]:
         click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
     if len(quarantined) > 20:
-        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
+        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent quarantine`)")
     if code == EXIT_INCOMPLETE:
         click.echo("edge-agent: some files in the inbox did not get an outcome (still being written?); run scan "
                    "again", err=True)
@@ -338,7 +338,10 @@ def _emit(kind: str, rows: list[dict[str, Any]], fmt: str, utc: bool, conn: sqli
         click.echo(tabulate(cells, headers=heads, disable_numparse=True) if rows else f"no {kind} match")
 
 
-def _query(s: Settings, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+_T = TypeVar("_T")
+
+
+def _query(s: Settings, fn: Callable[[], _T]) -> _T:
     try:
         return fn()
     except sqlite3.DatabaseError as e:
@@ -360,7 +363,7 @@ def results(db: Path | None, config_file: Path | None, flagged: bool, since: str
     s, conn = _open_db(db, config_file)
     code = None
     if label is not None:
-        labels = _query(s, lambda: [known_labels(conn, s.model_path)])[0]
+        labels = _query(s, lambda: known_labels(conn, s.model_path))
         try:
             code = labels.resolve(label)
         except QueryError as e:

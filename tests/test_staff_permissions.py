@@ -17,7 +17,6 @@ from __future__ import annotations
 import grp
 import os
 import shutil
-import sqlite3
 import stat
 import subprocess
 import sys
