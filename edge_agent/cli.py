@@ -16,16 +16,15 @@ import csv
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -34,7 +33,8 @@ from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
-from .store import RESULT_TABLE_COLUMNS, StoreError, connect, query_results, to_iso
+from .query import FORMATS, LIST_SORTS, SORTS
+from .store import StoreError, connect
 
 log = logging.getLogger("edge_agent.cli")
 
@@ -254,7 +254,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
     for rel, reason in quarantined[:20]:
         click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
     if len(quarantined) > 20:
-        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent status` / the quarantine table)")
+        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent quarantine`)")
     left = agent.left_in_inbox()
     for rel, why, age in left[:20]:
         what = "temporary upload name, waits for its rename" if why == "temporary name" else \
@@ -315,72 +315,121 @@ def bench(source: Path, model: Path | None, count: int, sizes: str, long_count: 
     click.echo(dumps(result) if as_json or fmt == "json" else render(result))
 
 
-# --- results -----------------------------------------------------------------------------
-
-_REL = re.compile(r"^(\d+)\s*([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
+# --- results, quarantine, duplicates (query.py) -----------------------------------------------
 
 def parse_since(text: str, now: datetime | None = None) -> str:
-    """'2h', '30m', '7d', 'today', 'yesterday', or an ISO date/time (local time unless it has an offset)."""
-    now = now or datetime.now(timezone.utc)
-    t = text.strip().lower()
-    m = _REL.match(t)
-    if m:
-        return to_iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
-    local_midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
-    if t == "today":
-        return to_iso(local_midnight)
-    if t == "yesterday":
-        return to_iso(local_midnight - timedelta(days=1))
+    """--since as the database compares it (query.parse_since), or a usage error naming the accepted forms."""
+    from .query import parse_since as parse
+
     try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a time; use e.g. 2h, 30m, 7d, today, yesterday, 2026-11-21 or "
-                                 "2026-11-21T14:30") from None
-    if dt.tzinfo is None:
-        dt = dt.astimezone()  # naive -> local time, as a person typing it means
-    return to_iso(dt)
+        return parse(text, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
 
 
-@main.command()
-@_db_options
-@click.option("--flagged", is_flag=True, help="only results that need a clinician's review")
-@click.option("--since", help="only results processed since WHEN (2h, 7d, today, 2026-11-21, ...)")
-@click.option("--label", help="only results whose top label is L (e.g. mel)")
-@click.option("--limit", type=int, default=None, help="at most N rows (oldest first)")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results(db: Path | None, config_file: Path | None, flagged: bool, since: str | None, label: str | None,
-            limit: int | None, fmt: str) -> None:
-    """List screening results."""
-    since_iso = parse_since(since) if since else None
-    s, conn = _open_db(db, config_file)
-    try:
-        rows = query_results(conn, flagged=flagged, since=since_iso, label=label, limit=limit)
-    except sqlite3.DatabaseError as e:
-        _not_ours(s.db_path, e)
-    if fmt == "json":
-        for r in rows:
-            r["probabilities"] = json.loads(r["probabilities"])
-            if r.get("policy"):
-                r["policy"] = json.loads(r["policy"])
-        click.echo(json.dumps(rows, indent=2))
+def _list_options(sorts: tuple[str, ...], what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for o in reversed([
+            click.option("--since", help=f"only {what} since WHEN (2h, 7d, today, 2026-11-21, ...; local time)"),
+            click.option("--sort", type=click.Choice(sorts), default="newest", show_default=True,
+                         help="order" + (" (risk: calibrated P(malignant), highest first)" if "risk" in sorts else "")),
+            click.option("--limit", type=click.IntRange(min=1), default=None, help="at most N rows (after sorting)"),
+            click.option("--utc", is_flag=True, help="show times in UTC (default: local time; the database, CSV "
+                                                     "and JSON are always UTC)"),
+            click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                         help="ndjson: one JSON object per line, for scripts"),
+        ]):
+            f = o(f)
+        return _db_options(f)
+    return deco
+
+
+def _emit(kind: str, rows: list[dict[str, Any]], fmt: str, utc: bool, conn: sqlite3.Connection) -> None:
+    from . import query
+
+    if fmt in ("json", "ndjson"):
+        out = query.for_json(rows, kind)
+        click.echo(json.dumps(out, indent=2, default=str) if fmt == "json" else
+                   "\n".join(json.dumps(r, default=str, separators=(",", ":")) for r in out), nl=bool(out) or fmt == "json")
     elif fmt == "csv":
-        cols = list(rows[0]) if rows else [r[1] for r in conn.execute("PRAGMA table_info(results)")]
+        out = [{**r, "where": query.where_now(r)} for r in rows]
+        cols = list(out[0]) if out else [r[1] for r in conn.execute(
+            "SELECT * FROM pragma_table_info(?)", (kind,))] + ["where"]
         w = csv.DictWriter(sys.stdout, fieldnames=cols, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(out)
     else:
         from tabulate import tabulate
 
-        # File names may hold control characters: escaped on a terminal (CSV and JSON quote them themselves).
-        table = [[logsetup.printable(r[c]) if isinstance(r[c], str) else r[c] for c in RESULT_TABLE_COLUMNS]
-                 for r in rows]
-        for t in table:
-            t[4] = f"{t[4]:.2f}"
-            t[5] = "REVIEW" if t[5] else ""
-        click.echo(tabulate(table, headers=["id", "processed (UTC)", "file", "label", "conf", "review", "reasons",
-                                            "model"], disable_numparse=True) if rows else "no results match")
+        table, headers, what = {
+            "results": (query.result_table, query.RESULT_HEADERS, "processed"),
+            "quarantine": (query.quarantine_table, query.QUARANTINE_HEADERS, "quarantined"),
+            "duplicates": (query.duplicate_table, query.DUPLICATE_HEADERS, "recorded")}[kind]
+        cells = [[logsetup.printable(c) for c in row] for row in table(rows, utc)]  # names may hold control chars
+        heads = [query.time_header(h, utc) if h == what else h for h in headers]
+        click.echo(tabulate(cells, headers=heads, disable_numparse=True) if rows else f"no {kind} match")
+
+
+_T = TypeVar("_T")
+
+
+def _query(s: Settings, fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except sqlite3.DatabaseError as e:
+        _not_ours(s.db_path, e)
+
+
+@main.command()
+@_list_options(SORTS, "results processed")
+@click.option("--flagged", is_flag=True, help="only results that need a clinician's review")
+@click.option("--label", help="only results whose top label is L: the code or the name, any case (mel, MEL, "
+                              "melanoma)")
+def results(db: Path | None, config_file: Path | None, flagged: bool, since: str | None, label: str | None,
+            limit: int | None, sort: str, utc: bool, fmt: str) -> None:
+    """List screening results, newest first: result (or "retake: <why>" for a photo that failed the quality
+    check), P(malignant), review reasons and where the image is now."""
+    from .query import QueryError, known_labels, query_results
+
+    since_iso = parse_since(since) if since else None
+    s, conn = _open_db(db, config_file)
+    code = None
+    if label is not None:
+        labels = _query(s, lambda: known_labels(conn, s.model_path))
+        try:
+            code = labels.resolve(label)
+        except QueryError as e:
+            _fail(str(e))
+    rows = _query(s, lambda: query_results(conn, flagged=flagged, since=since_iso, label=code, limit=limit,
+                                           sort=sort))
+    _emit("results", rows, fmt, utc, conn)
+
+
+@main.command()
+@_list_options(LIST_SORTS, "files quarantined")
+def quarantine(db: Path | None, config_file: Path | None, since: str | None, limit: int | None, sort: str,
+               utc: bool, fmt: str) -> None:
+    """List the files the agent refused (not an image, truncated, too large, ...), why, and where they are."""
+    from .query import query_quarantine
+
+    since_iso = parse_since(since) if since else None
+    s, conn = _open_db(db, config_file)
+    _emit("quarantine", _query(s, lambda: query_quarantine(conn, since=since_iso, limit=limit, sort=sort)), fmt,
+          utc, conn)
+
+
+@main.command()
+@_list_options(LIST_SORTS, "duplicates recorded")
+def duplicates(db: Path | None, config_file: Path | None, since: str | None, limit: int | None, sort: str,
+               utc: bool, fmt: str) -> None:
+    """List the files skipped because the same image (same bytes) was screened before, and which result they
+    repeat."""
+    from .query import query_duplicates
+
+    since_iso = parse_since(since) if since else None
+    s, conn = _open_db(db, config_file)
+    _emit("duplicates", _query(s, lambda: query_duplicates(conn, since=since_iso, limit=limit, sort=sort)), fmt,
+          utc, conn)
 
 
 # --- status ------------------------------------------------------------------------------

@@ -28,11 +28,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .cleanup import EmptyFolders
 from .config import Settings
 from .decode import Decoded
 from .fsafe import Dest, Escaped, Ident, Replaced, Source, delete_file, lstat_beneath, move_file, open_beneath
 from .fsafe import ident as ident_of
 from .intake import Candidate, Intake
+from .share import Share
 from .store import Writer, damaged, describe_db_error, is_locked, is_transient, now_iso
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 COMMIT_ROWS = 64
 COMMIT_SECONDS = 0.2
 STOP_RETRY_SECONDS = 10.0  # at shutdown, give up on a locked/unwritable database after this long (TimeoutStopSec)
+SWEEP_SECONDS = 1.0  # how often to look again at emptied inbox folders that were still inside the quiet period
 PROBE_SECONDS = 2.0  # how often to check whether a full or read-only output folder is writable again
 # Move failures that are about the output disk, not the file: pause intake instead of failing file by file.
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -174,6 +177,10 @@ class Committer:
         self.timing = StageTimes()
         self._held = 0  # outcomes handed to this thread and not yet finished
         self._held_lock = threading.Lock()
+        # Inbox sub-folders emptied by the moves: removed once empty and quiet (cleanup.py)
+        self.folders = EmptyFolders(intake.inbox, settings.quiet_seconds)
+        self.share = Share()  # who may read the stored images (share.py); set by the Agent
+        self._next_sweep = 0.0
 
     @property
     def db_error(self) -> str | None:
@@ -222,6 +229,8 @@ class Committer:
             if batch:
                 carry = self._commit(batch)
                 self.on_commit()
+            if self.folders.pending() and (stop or time.monotonic() >= self._next_sweep):
+                self._sweep()
             if stop and not carry:
                 return
 
@@ -331,7 +340,12 @@ class Committer:
         t0 = time.perf_counter()
         updates = []
         for i, o in enumerate(outs):
+            leaves = o.action in ("move", "delete") and o.table is not None
+            if leaves:
+                self.folders.before(o.job.cand.rel)
             u = self._dispose(o)
+            if leaves:
+                self.folders.after(o.job.cand.rel)
             if u is not None:
                 updates.append(u)
             if i == 0 and len(outs) > 1 and o.action == "move":
@@ -357,6 +371,14 @@ class Committer:
             if o.reobserve:  # replaced while being screened: the new content is a new file
                 self.intake.observe(o.job.cand.path)
         return carry
+
+    def _sweep(self) -> None:
+        """Remove the inbox sub-folders the moves emptied, once quiet (cleanup.py); never fatal."""
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        try:
+            self.folders.sweep()
+        except OSError as e:  # the inbox itself became unreadable: the intake reports that
+            log.debug("empty-folder cleanup skipped: %s", e)
 
     # --- where files go ------------------------------------------------------------------
 
@@ -467,7 +489,7 @@ class Committer:
             day = prefer.split("/", 1)[0] if prefer else datetime.now(timezone.utc).strftime("%Y-%m-%d")
             try:
                 went = move_file(src, Dest(base, day, o.job.cand.rel, _tag(o.job), prefer),
-                                 private=o.table == "quarantine")
+                                 private=o.table == "quarantine", share=self.share)
             except (FileNotFoundError, Escaped) as e:
                 if isinstance(e, Escaped):
                     log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "

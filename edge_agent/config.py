@@ -69,6 +69,9 @@ class Settings:
     # whose signatures this device accepts, and whether a bundle without a trusted signature may run.
     trusted_keys: tuple[Path, ...] = ()
     allow_unsigned_bundle: bool = False
+    # Who may read results and screened images besides the agent's user (share.py, docs/install.md "Staff
+    # access"): a group name or number; empty keeps them private to the agent's user.
+    share_group: str = ""
 
     @property
     def inbox_dir(self) -> Path:
@@ -99,7 +102,7 @@ class Settings:
 FIELDS = {f.name: f for f in fields(Settings)}
 HELP: dict[str, str] = {
     "inbox": "folder watched for new images",
-    "db": "SQLite results database (created 0600)",
+    "db": "SQLite results database (created 0600, or 0640 with share_group)",
     "model": "model bundle folder",
     "processed_dir": "where screened images go",
     "quarantine_dir": "where unusable files go (created 0700)",
@@ -126,6 +129,8 @@ HELP: dict[str, str] = {
     "queue_max": "most images in flight between intake and the database (backpressure)",
     "trusted_keys": "public key files (.pub, PEM Ed25519) whose bundle signatures this device accepts, besides the "
                     "project's key shipped with the package",
+    "share_group": "group whose members may read the results database and the screened images (database 0640, "
+                   "processed folders 0750, stored copies 0640, all with this group); empty: the agent's user only",
     "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
                              "an event at every start)",
 }

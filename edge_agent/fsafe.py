@@ -30,10 +30,14 @@ import errno
 import hashlib
 import os
 import stat as st
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .share import Share
 
 RENAME_NOREPLACE = 1
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -58,10 +62,12 @@ def _parts(rel: str | PurePosixPath) -> tuple[str, ...]:
     return parts
 
 
-def walk_dirs(root_fd: int, parts: tuple[str, ...] | list[str], create: bool = False, mode: int = 0o777) -> int:
+def walk_dirs(root_fd: int, parts: tuple[str, ...] | list[str], create: bool = False, mode: int = 0o777,
+              on_create: Callable[[int], None] | None = None) -> int:
     """A new fd for root/parts..., opened one component at a time without following any symlink.
 
-    create: make missing folders (with `mode`). A symlink or a file on the way
+    create: make missing folders (with `mode`; on_create(fd) is called for each
+    folder made here, e.g. to set its group). A symlink or a file on the way
     raises Escaped.
     """
     fd = os.dup(root_fd)
@@ -72,11 +78,14 @@ def walk_dirs(root_fd: int, parts: tuple[str, ...] | list[str], create: bool = F
             except FileNotFoundError:
                 if not create:
                     raise
+                made = True
                 try:
                     os.mkdir(part, mode, dir_fd=fd)
                 except FileExistsError:
-                    pass
+                    made = False
                 nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                if made and on_create is not None:
+                    on_create(nfd)
             except OSError as e:
                 if e.errno in SWAPPED_ERRNOS:
                     raise Escaped(e.errno, f"{part} is not a real folder (a symbolic link or a file)", part) from None
@@ -299,20 +308,27 @@ def _check_same(src: Source, fd: int, name: str) -> os.stat_result:
     return s
 
 
-def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
+def move_file(src: Source, dest: Dest, private: bool = False, share: Share | None = None) -> Path:
     """Move the inbox entry to the first destination name that is free and can be created; returns it.
 
     Never follows a symlink below the inbox or below dest.base, never replaces
     a file, never moves a hard-linked inode (see the module docstring).
+    share (not with private): folders made here get its mode and group, and
+    the stored file too when the agent owns it (share.py).
     Raises FileNotFoundError or Escaped (the entry left the inbox), Replaced
     (another file now has its name), or OSError (the output folder's fault).
     """
     with parent_fd(src.root, src.rel) as (sfd, sname):
         s = _check_same(src, sfd, sname)
         copy = st.S_ISREG(s.st_mode) and s.st_nlink > 1
-        mode = 0o700 if private else 0o777
+        share = None if private else share
+        mode = 0o700 if private else share.dir_mode if share is not None else 0o777
+        on_create = share.fix_created_dir if share is not None else None
         try:
-            os.makedirs(dest.base, mode, exist_ok=True)
+            if share is not None:
+                share.make_dirs(dest.base)
+            else:
+                os.makedirs(dest.base, mode, exist_ok=True)
             bfd = os.open(dest.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise OutputError(e.errno, e.strerror, str(dest.base)) from None
@@ -321,7 +337,7 @@ def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
             for cand in dest.candidates():
                 parts = PurePosixPath(cand).parts
                 try:
-                    dfd = walk_dirs(bfd, parts[:-1], create=True, mode=mode)
+                    dfd = walk_dirs(bfd, parts[:-1], create=True, mode=mode, on_create=on_create)
                 except OSError as e:
                     if e.errno in NAME_ERRNOS:
                         last = e
@@ -345,6 +361,8 @@ def move_file(src: Source, dest: Dest, private: bool = False) -> Path:
                             raise
                     # No folder fsync for a rename: a rename lost in a power cut leaves the file in the inbox
                     # with its row 'pending', and the next start finishes the move (see commit.py).
+                    if share is not None and share.gid is not None:
+                        share.fix_at(dfd, parts[-1])
                     return dest.base / cand
                 except OSError as e:
                     if isinstance(e, FileExistsError) and cand == dest.prefer and \

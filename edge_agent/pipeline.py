@@ -39,6 +39,7 @@ from .paths import SitePaths, real as real_path, resolve as resolve_paths
 from .notify import Notifier
 from .poison import PoisonJournal
 from .provenance import policy_event, startup_notices
+from .share import resolve_share
 from .signing import trust_from_settings
 from .store import Reader, StoreError, Writer, damaged, describe_db_error, is_locked, now_iso
 from .triage import Policy, softmax, triage
@@ -159,6 +160,12 @@ class Agent:
 
     def _start(self, site: SitePaths) -> None:
         s = self.s
+        self.share = resolve_share(s.share_group)  # who may read results and images (share.py)
+        try:
+            self.share.make_dirs(site.db.parent)
+        except OSError as e:
+            raise ConfigError(f"cannot create the database folder {e.filename or site.db.parent} ({e.strerror}); "
+                              "create it or choose another --db") from None
         # One agent per database and per inbox, decided before anything is read or written (locks.py).
         self._locks.append(lock_database(site.db))
         self._locks.append(lock_inbox(site.inbox))
@@ -169,7 +176,7 @@ class Agent:
         self.policy_json = self.policy.to_json()
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
-        self.store = Writer(site.db, self.bundle.labels)
+        self.store = Writer(site.db, self.bundle.labels, self.share)
         try:
             self._reconcile()
         except sqlite3.DatabaseError as e:
@@ -193,6 +200,7 @@ class Agent:
                                    on_finished=self._finished, on_commit=lambda: self.wake.put(("wake", "", "")),
                                    stopping=self.stopping)
         self.committer.timing = self.timing
+        self.committer.share = self.share
         if self.one_shot:  # nobody waits for a one-shot scan to be unblocked: fail with the cause instead
             self.committer.give_up_after = STOP_RETRY_SECONDS
         self._writer_thread = self._spawn(self.committer.loop, "writer")
@@ -223,7 +231,9 @@ class Agent:
             if not self.quarantine.exists():
                 self.quarantine.mkdir(parents=True, mode=0o700)
             if self.s.after == "move":
-                self.processed.mkdir(parents=True, exist_ok=True)
+                self.share.make_dirs(self.processed)
+                if self.share.gid is not None:  # the group must reach the images: the folder is ours to open up
+                    self.share.fix_path(self.processed, directory=True)
         except OSError as e:
             raise ConfigError(f"cannot create {e.filename} ({e.strerror}): create it or choose another "
                               "processed_dir/quarantine_dir") from None

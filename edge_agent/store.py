@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import LABEL_RE
+from .share import Share
 
 SCHEMA_VERSION = 2
 # PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
@@ -152,32 +153,69 @@ def fs_path(text: str | None) -> str | None:
     return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 (and its folder 0700 if new): it holds patient-derived data."""
+def _create_private(path: Path, share: Share | None = None) -> None:
+    """Create the database file 0600 (and its folder 0700 if new): it holds patient-derived data. With a
+    share group (share.py): 0640 and 0750, with that group."""
+    share = share or Share()
     if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
+        share.make_dirs(path.parent)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, share.file_mode)
     except FileExistsError:
-        pass
+        return
+    try:
+        share.fix_fd(fd, directory=False)
+    finally:
+        os.close(fd)
 
 
-def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+def no_access(path: Path, e: OSError | None = None) -> str:
+    """Why a person may not read the results, and what to do about it."""
+    why = f" ({e.strerror})" if e is not None and e.strerror else ""
+    return (f"you may not read the database {path}{why}: results are readable only by the agent's user and the group "
+            "named by its share_group setting; ask the administrator to add you to that group (docs/install.md, "
+            "'Staff access to results'), then log in again")
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection. A WAL database nobody has open has no -wal/-shm files (everything is in the
+    main file), and a reader who may not write the folder (staff in the share group) cannot create the -shm
+    SQLite needs: then the file is read as it is (immutable=1). Safe because the agent writes new rows into
+    the -wal, never straight into the main file, and copies them back only in a checkpoint of 1,000 pages."""
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as e:
+        text = str(e).lower()
+        if not ("readonly" in text or "unable to open" in text) or os.path.exists(f"{path}-wal"):
+            return conn  # the caller's first query reports it, with its usual message
+        conn.close()
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+
+
+def connect(path: Path, readonly: bool = False, share: Share | None = None) -> sqlite3.Connection:
     """Open the database with the agent's pragmas; read-only connections never create it."""
-    if path.is_dir():
-        raise StoreError(f"the database path {path} is a folder; pass the database file's path, e.g. "
-                         f"{path / 'results.db'}")
+    try:
+        if path.is_dir():
+            raise StoreError(f"the database path {path} is a folder; pass the database file's path, e.g. "
+                             f"{path / 'results.db'}")
+        found = path.exists()
+    except PermissionError as e:
+        raise StoreError(no_access(path, e)) from None
     try:
         if readonly:
-            if not path.exists():
+            if not found:
                 raise StoreError(f"no database at {path}: run `edge-agent run` or `edge-agent scan` first, or pass "
                                  "the right --db")
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   check_same_thread=False)
+            if not os.access(path, os.R_OK):
+                raise StoreError(no_access(path))
+            conn = _open_readonly(path)
         else:
             try:
-                _create_private(path)
+                _create_private(path, share)
             except OSError as e:
                 raise StoreError(f"cannot create the database {path} ({e}); check the folder exists and is writable "
                                  "by the agent's user") from None
@@ -343,11 +381,12 @@ def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
 class Writer:
     """The one connection that writes. Not thread-safe by design: only the writer thread uses it."""
 
-    def __init__(self, path: Path, labels: Sequence[str]) -> None:
+    def __init__(self, path: Path, labels: Sequence[str], share: Share | None = None) -> None:
         self.path = path
-        self.conn = connect(path)
+        self.conn = connect(path, share=share)
         try:
             migrate(self.conn, labels)
+            self._share(share or Share())
             problem = integrity_problem(self.conn)
             if problem is not None:
                 raise sqlite3.DatabaseError(problem)
@@ -370,6 +409,16 @@ class Writer:
         self.conn.execute(f"PRAGMA busy_timeout = {int(WRITER_BUSY_TIMEOUT_MS)}")
         self.labels = tuple(labels)
         self._in_tx = False
+
+    def _share(self, share: Share) -> None:
+        """The database and its -wal/-shm files (open now, so they exist and stay while the agent runs) get the
+        share group and mode: SQLite copies the database's permission bits to them, but not its group."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                share.fix_path(Path(f"{self.path}{suffix}"))
+            except OSError as e:
+                log.warning("cannot give %s%s to %s (%s); staff may not be able to read results", self.path, suffix,
+                            share.describe(), e.strerror or e)
 
     def gone(self) -> str | None:
         """Why the database file this writer uses is no longer the one at its path, if it is not."""
@@ -518,29 +567,6 @@ class Reader:
 
 
 # --- queries for the CLI ---------------------------------------------------------------
-
-RESULT_TABLE_COLUMNS = ("id", "processed_at", "original_name", "label", "confidence", "needs_review",
-                        "review_reasons", "model_variant")
-
-
-def query_results(conn: sqlite3.Connection, flagged: bool = False, since: str | None = None,
-                  label: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if flagged:
-        where.append("needs_review = 1")
-    if since:
-        where.append("processed_at >= ?")
-        params.append(since)
-    if label:
-        where.append("label = ?")
-        params.append(label)
-    sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY processed_at, id"
-    if limit:
-        sql += " LIMIT ?"
-        params.append(int(limit))
-    return [dict(r) for r in conn.execute(sql, params)]
-
 
 def status(conn: sqlite3.Connection, recent: int = 200) -> dict[str, Any]:
     """Counts and agent state for `edge-agent status`."""

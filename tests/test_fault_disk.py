@@ -150,10 +150,10 @@ def test_injected_enospc_and_database_full_pause_and_resume(dirs, bundle_dir, mo
     move_full, db_full = threading.Event(), threading.Event()
     real_move, real_begin = commit.move_file, Writer._begin
 
-    def move(src, dest, private=False):
+    def move(src, dest, private=False, **kw):
         if move_full.is_set():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
-        return real_move(src, dest, private)
+        return real_move(src, dest, private, **kw)
 
     def begin(self, lock_wait):
         if db_full.is_set():

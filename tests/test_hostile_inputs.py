@@ -218,7 +218,8 @@ def _dir_like_image(ctx: Ctx) -> dict[str, str]:
     data = ctx.imgs.jpeg()
     (ctx.stage / "folder.jpg" / "inside-folder.jpg").write_bytes(data)
     ctx.contents["folder.jpg/inside-folder.jpg"] = data
-    return {"folder.jpg/inside-folder.jpg": "results", "folder.jpg": "ignored:folder"}
+    # no outcome for the folder; once the agent emptied it, it is removed when quiet (cleanup.py), or still there
+    return {"folder.jpg/inside-folder.jpg": "results", "folder.jpg": "ignored:folder|none"}
 
 
 def _deep(ctx: Ctx) -> dict[str, str]:
@@ -496,7 +497,8 @@ def test_hostile_kind(corpus: CorpusRun, kind: str) -> None:
         rows = obs.rows[name]
         if expected.startswith("ignored"):
             assert rows == [], f"{name!r} should have been left alone"
-            assert name in obs.left, f"{name!r} should still be in the inbox"
+            if expected != "ignored:folder|none":
+                assert name in obs.left, f"{name!r} should still be in the inbox"
             continue
         assert len(rows) == 1, f"{name!r}: expected exactly one outcome, got {obs.outcome(name)}"
         r = rows[0]

@@ -89,7 +89,7 @@ REQUIRED = {
     "DevicePolicy": "closed",
     "NoNewPrivileges": "yes",
     "CapabilityBoundingSet": "",
-    "UMask": "0077",
+    "UMask": "0027",
     "Restart": "on-failure",
     "ProtectKernelTunables": "yes",
     "ProtectKernelModules": "yes",
@@ -255,7 +255,7 @@ def test_sysusers_and_tmpfiles_apply(tmp_path):
         "etc/edge-agent": (0o750, 0, gid),
         "var/lib/edge-agent": (0o750, uid, gid),
         "var/lib/edge-agent/inbox": (0o2770, uid, gid),
-        "var/lib/edge-agent/processed": (0o750, uid, gid),
+        "var/lib/edge-agent/processed": (0o2750, uid, gid),  # setgid: new folders keep the staff group
         "var/lib/edge-agent/quarantine": (0o750, uid, gid),
         "opt/edge-agent/models": (0o755, 0, 0),
     }
