@@ -14,6 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> dict[str
     ok, white = cv2.imencode(".jpg", np.full((64, 64, 3), 255, np.uint8))
     (dirs["inbox"] / "blank_white.jpg").write_bytes(white.tobytes())
     (dirs["inbox"] / "cut.jpg").write_bytes(imgs[0][:40])
-    r = cli("scan", *site_args(dirs, bundle_dir, "--log-level", "ERROR"))
+    time.sleep(1.2)  # an abandoned partial copy: unchanged for longer than partial_timeout_seconds (0.5 s here)
+    r = cli("scan", *site_args(dirs, bundle_dir, "--log-level", "ERROR", "--partial-timeout-seconds", "0.5"))
     assert r.returncode == 0, r.stderr
     write_images(dirs["inbox"], imgs[4:], prefix="second")
     (dirs["inbox"] / "again.jpg").write_bytes(imgs[1])
