@@ -12,12 +12,17 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import click
+from .errors import require_build_extra
 
-from edge_agent.preprocess import Preprocessing
+require_build_extra()  # a runtime-only install: one line naming the extra, not ModuleNotFoundError: torch
 
-from .quantize import ADAROUND_ITERS, CALIB_SIZE
-from .train import TrainConfig
+import click  # noqa: E402
+
+from edge_agent.preprocess import Preprocessing  # noqa: E402
+
+from .errors import BuildError, build_extra_message, missing_build_module  # noqa: E402
+from .quantize import ADAROUND_ITERS, CALIB_SIZE  # noqa: E402
+from .train import TrainConfig  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -29,18 +34,40 @@ def workdir_for(out: Path, workdir: Path | None) -> Path:
 
 
 # Set by the group-level data options of the command being run (see `data_options`).
-_SOURCES: dict = {"label_map": (), "holdout": None}
+_SOURCES: dict = {"label_map": (), "holdout": None, "drop_small": False}
+
+
+class BuildExtraMissing(click.ClickException):
+    exit_code = 2
+
+
+class BuildGroup(click.Group):
+    """Reports every expected failure (BuildError, a missing build-extra package) as one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BuildError as e:
+            raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if missing_build_module(e) is None:
+                raise
+            raise BuildExtraMissing(build_extra_message([missing_build_module(e) or ""])) from None
 
 
 def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
     """Load every --data source; reuse <out>/split.csv or write a new lesion-grouped split per source."""
-    from .data import load_sources, parse_label_maps, read_split, split_sources, write_split
+    from .data import drop_small_classes, load_sources, parse_label_maps, read_split, split_sources, write_split
 
     specs = list(data) if isinstance(data, (tuple, list)) else [data]
     try:
         ds = load_sources(specs, parse_label_maps(_SOURCES["label_map"]))
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    if _SOURCES["drop_small"]:
+        ds, dropped = drop_small_classes(ds, _SOURCES["holdout"])
+        for name, classes in dropped.items():
+            _log(f"--drop-small-classes: {name}: left out " + ", ".join(f"{c} ({g} lesions, {i} images)" for c, (g, i) in classes.items()))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "split.csv"
     if path.exists():
@@ -58,7 +85,7 @@ def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
 
 
 def _remember_sources(ctx: click.Context, param: click.Parameter, value):
-    _SOURCES["label_map" if param.name == "label_map" else "holdout"] = value
+    _SOURCES[param.name if param.name in ("label_map", "drop_small") else "holdout"] = value
     return value
 
 
@@ -70,6 +97,9 @@ common_train = [
                  help="SOURCE:FROM=TO[,FROM=TO] renames a source's labels onto the model's classes (repeatable)"),
     click.option("--holdout-source", "holdout", default=None, expose_value=False, callback=_remember_sources,
                  help="a source never trained on (split 'holdout'): leave-one-source-out, score it with `evaluate`"),
+    click.option("--drop-small-classes", "drop_small", is_flag=True, expose_value=False, callback=_remember_sources,
+                 help="leave out a source's classes with fewer than 3 lesions (too few for train/val/test) instead of "
+                      "refusing the data; recorded in the manifest"),
     click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle folder to write"),
     click.option("--workdir", type=click.Path(path_type=Path), default=None, help="checkpoints and intermediate files (default: <out>.work)"),
     click.option("--seed", type=int, default=0, show_default=True),
@@ -107,10 +137,25 @@ def train_options(f):
 def make_config(seed: int, overrides: dict) -> TrainConfig:
     vals = {k: v for k, v in overrides.items() if v is not None and k in TrainConfig.__dataclass_fields__}
     vals.setdefault("seed", seed)
-    return TrainConfig(**vals)
+    cfg = TrainConfig(**vals)
+    check_config(cfg)
+    return cfg
 
 
-@click.group()
+def check_config(cfg: TrainConfig) -> None:
+    """Unknown names fail here, before data loading and hours of training, not at the first batch."""
+    from .augment import AugmentConfig
+    from .model import ARCHS
+
+    if cfg.arch not in ARCHS:
+        raise click.BadParameter(f"{cfg.arch!r}: choose one of {sorted(ARCHS)}", param_hint="--arch")
+    if cfg.augment != "legacy":
+        AugmentConfig.from_names(cfg.augment)  # ConfigError names the unknown ones
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise click.BadParameter(f"{cfg.device!r}: choose cpu, cuda or auto", param_hint="--device")
+
+
+@click.group(cls=BuildGroup)
 def main() -> None:
     """Build, check and benchmark the screening model bundle."""
 
@@ -247,7 +292,7 @@ def _padding(work: Path, image_size: int) -> None:
     (work / "padding.json").write_text(json.dumps(res, indent=2))
     best = max(res, key=lambda k: res[k]["mean_logp_true"])
     if best != "tf+127/128":
-        raise SystemExit(f"padding check: the ImageNet weights prefer {best}, not tf+127/128 ({res}); build_model/model.py is wrong for these weights")
+        raise BuildError(f"padding check: the ImageNet weights prefer {best}, not tf+127/128 ({res}); build_model/model.py is wrong for these weights")
     _log(f"padding check: tf+127/128 fits the weights best ({res[best]['mean_logp_true']:.3f} mean log-p)")
 
 
