@@ -60,6 +60,8 @@ def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
     from .data import drop_small_classes, load_sources, parse_label_maps, read_split, split_sources, write_split
 
     specs = list(data) if isinstance(data, (tuple, list)) else [data]
+    if not specs:
+        raise click.UsageError("Missing option '--data': give the training data (NAME=PATH or PATH; repeatable)")
     try:
         ds = load_sources(specs, parse_label_maps(_SOURCES["label_map"]))
     except (ValueError, FileNotFoundError) as e:
@@ -90,9 +92,10 @@ def _remember_sources(ctx: click.Context, param: click.Parameter, value):
 
 
 common_train = [
-    click.option("--data", type=str, multiple=True, required=True,
-                 help="a source: HAM10000-layout folder, class-per-subfolder folder or MedMNIST .npz, optionally "
-                      "named NAME=PATH; repeat for several sources (each split on its own, `source` column in split.csv)"),
+    click.option("--data", type=str, multiple=True,
+                 help="(required) a source: HAM10000-layout folder, class-per-subfolder folder or MedMNIST .npz, "
+                      "optionally named NAME=PATH; repeat for several sources (each split on its own, `source` column "
+                      "in split.csv); with `all --recipe`: NAME=PATH replaces the recipe's source NAME"),
     click.option("--label-map", "label_map", multiple=True, expose_value=False, callback=_remember_sources,
                  help="SOURCE:FROM=TO[,FROM=TO] renames a source's labels onto the model's classes (repeatable)"),
     click.option("--holdout-source", "holdout", default=None, expose_value=False, callback=_remember_sources,
@@ -250,16 +253,22 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
 @adaround_option
 @signing_key_option
 @tta_option
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="a TOML recipe (data sources, every stage and its settings; e.g. recipes/default.toml, the default "
+                   "bundle's): runs its stages instead of the options here; --data NAME=PATH replaces a source")
 @click.pass_context
 def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
         calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, tta: str,
-        **kw) -> None:
+        recipe_path: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
     from . import stages
 
     _check_signing_key(signing_key)
+    if recipe_path is not None:
+        _run_recipe(ctx, recipe_path, data, out, workdir, no_resume, signing_key)
+        return
     cfg = make_config(seed, kw)
     ds, split = data_and_split(data, out, seed)
     work = workdir_for(out, workdir)
@@ -280,6 +289,31 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
     stages.validate(ds, split, work, _log, seed, tta=tta)
     stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
+    _verify_or_exit(out, signing_key=signing_key)
+
+
+RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "tta", "label_map", "holdout",
+               "drop_small")
+
+
+def _run_recipe(ctx: click.Context, recipe_path: Path, data: tuple[str, ...], out: Path, workdir: Path | None,
+                no_resume: bool, signing_key: Path | None) -> None:
+    """`all --recipe`: the recipe sets every training and stage setting; the command line only where and how."""
+    from click.core import ParameterSource
+
+    from .recipe import load_recipe, run_recipe
+
+    given = [p.opts[0] for p in ctx.command.params
+             if (p.name in RECIPE_OWNS or p.name in TrainConfig.__dataclass_fields__)
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--recipe sets the training and stage settings; {', '.join(given)} belong in the recipe "
+                               "file (copy it and edit the copy)")
+    recipe = load_recipe(recipe_path, data)
+    _SOURCES.update(label_map=recipe.label_map, holdout=recipe.holdout, drop_small=recipe.drop_small)
+    ds, split = data_and_split(recipe.data_specs(), out, recipe.seed)
+    run_recipe(recipe, ds, split, out, workdir_for(out, workdir), _log, padding=_padding, resume=not no_resume,
+               signing_key=signing_key, build_command=_command_line())
     _verify_or_exit(out, signing_key=signing_key)
 
 

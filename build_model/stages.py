@@ -324,7 +324,8 @@ def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> di
 
 
 def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log,
-           signing_key: Path | None = None) -> dict:
+           signing_key: Path | None = None, training_extra: dict | None = None) -> dict:
+    """Write the bundle; `training_extra` (a recipe's record and its stages) joins the manifest's `training`."""
     from .bundle import write_bundle
     from .report import render
 
@@ -332,6 +333,7 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
     pre, ck = checkpoint_pre(work)
     val, quant, par = _read(work / "validate.json"), _read(work / "quantize.json"), _read(work / "export.json")
     training = training_summary(ds, split, ck, work)
+    training.update(training_extra or {})
     license_text, citation = license_and_citation(ds)
     arch = ck["config"].get("arch", "lite0")
     md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-{arch.title()} {pre.input_size}px", labels=ds.labels,
