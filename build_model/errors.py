@@ -36,7 +36,7 @@ class DataNotFound(DataError, FileNotFoundError):
     """A data path or a listed image does not exist."""
 
 
-def absent_build_modules(names: tuple[str, ...] = ("click", "torch", "onnx")) -> list[str]:
+def absent_build_modules(names: tuple[str, ...] = ("torch", "onnx", "sklearn", "tqdm", "click")) -> list[str]:
     """The packages among `names` this interpreter cannot import (found without importing them)."""
     import importlib.util
 
