@@ -277,6 +277,7 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
 
     pre = Preprocessing(input_size=cfg.image_size)
     best = run_train(ds, split, work, cfg, pre, resume=not no_resume, log=_log)
+    trains, workdirs = [("train", cfg)], {"train": work}
     if qat_epochs > 0 and not cfg.qat:
         qcfg = replace(cfg, epochs=qat_epochs, lr=qat_lr, warmup_epochs=0.1, label_smoothing=0.0, qat=True,
                        init_from=str(best))
@@ -285,10 +286,18 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
         shutil.copyfile(work.parent / "padding.json", work / "padding.json")
         _log(f"quantization-aware fine-tuning: {qat_epochs} epochs from {best}")
         run_train(ds, split, work, qcfg, pre, resume=not no_resume, log=_log)
+        trains.append(("qat", qcfg))
+        workdirs["qat"] = work
+    from .recipe import options_recipe, stage_records
+
+    recipe = options_recipe(data, _SOURCES["label_map"], _SOURCES["holdout"], _SOURCES["drop_small"], seed, trains,
+                            calib_size, adaround_iters, tta)
+    records = stage_records(recipe, out, workdirs, dict(trains), signing_key)
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
     stages.validate(ds, split, work, _log, seed, tta=tta)
-    stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
+    stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key,
+                  training_extra={"recipe": recipe.record(), "stages": records})
     _verify_or_exit(out, signing_key=signing_key)
 
 

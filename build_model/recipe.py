@@ -261,11 +261,10 @@ def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, pa
     from edge_agent.preprocess import Preprocessing
 
     from . import stages as st
-    from .quantize import ADAROUND_ITERS, CALIB_SIZE
     from .train import train as run_train
 
-    records: list[dict] = []
-    last_work = work
+    workdirs: dict[str, Path] = {}
+    configs: dict[str, TrainConfig] = {}
     for stage in recipe.train_stages():
         cfg = train_config(stage, recipe.seed, work)
         stage_work = work / stage.name
@@ -275,25 +274,94 @@ def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, pa
                             "names finish?)")
         log(f"recipe {recipe.name}: stage {stage.name} (train {cfg.image_size} px, {cfg.epochs} epochs"
             + (f", from {cfg.init_from}" if cfg.init_from else "") + ")")
-        best = run_train(ds, split, stage_work, cfg, Preprocessing(input_size=cfg.image_size), resume=resume, log=log)
-        import torch
-
-        ck = torch.load(best, map_location="cpu", weights_only=False)
-        settings = asdict(cfg)
-        records.append({"name": stage.name, "kind": "train", "workdir": str(stage_work), "settings": settings,
-                        "command": stage_command(recipe, stage, out, stage_work, settings),
-                        "best_epoch": ck.get("epoch"), "best_val": {k: ck.get("val", {}).get(k) for k in
-                                                                  ("balanced_accuracy", "macro_auc", "accuracy")}})
-        last_work = stage_work
-    by_kind = {s.kind: s for s in recipe.stages}
-    q = {"calib_size": CALIB_SIZE, "adaround_iters": ADAROUND_ITERS} | by_kind["quantize"].settings
-    v = {"tta": "none"} | by_kind["validate"].settings
-    for stage, settings in ((by_kind["export"], {}), (by_kind["quantize"], q), (by_kind["validate"], v),
-                            (by_kind["bundle"], {"signing_key": str(signing_key) if signing_key else ""})):
-        records.append({"name": stage.name, "kind": stage.kind, "workdir": str(last_work), "settings": settings,
-                        "command": stage_command(recipe, stage, out, last_work, settings)})
+        run_train(ds, split, stage_work, cfg, Preprocessing(input_size=cfg.image_size), resume=resume, log=log)
+        workdirs[stage.name], configs[stage.name] = stage_work, cfg
+    records = stage_records(recipe, out, workdirs, configs, signing_key)
+    last_work = workdirs[recipe.train_stages()[-1].name]
+    q = next(r["settings"] for r in records if r["kind"] == "quantize")
+    v = next(r["settings"] for r in records if r["kind"] == "validate")
     st.export(ds, split, last_work, log)
     st.quantize_stage(ds, split, last_work, log, q["calib_size"], recipe.seed, adaround_iters=q["adaround_iters"])
     st.validate(ds, split, last_work, log, recipe.seed, tta=v["tta"])
     return st.bundle(ds, split, last_work, out, build_command, log, signing_key=signing_key,
                      training_extra={"recipe": recipe.record(), "stages": records})
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def options_recipe(data: tuple[str, ...], label_map: tuple[str, ...], holdout: str | None, drop_small: bool, seed: int,
+                   trains: list[tuple[str, TrainConfig]], calib_size: int, adaround_iters: int, tta: str) -> Recipe:
+    """The recipe equivalent to a plain `build-model all ...` command line (so its manifest has one too).
+
+    Why: a bundle built from flags must be as reproducible as one built from a file; its manifest then
+    carries a recipe that `all --recipe` runs (train stages then work in <workdir>/<stage name>/).
+    """
+    from .data import parse_source
+
+    sources: dict[str, Path] = {}
+    for spec in data:
+        name, p = parse_source(spec)
+        sources[name or Path(p).name] = Path(p).resolve()
+    lines = ['name = "command-line"', f"seed = {seed}", 'base = "/"', "", "[data]"]
+    lines += [f"{_key(n)} = {_toml_value(str(p))}" for n, p in sources.items()]
+    lines += ["", "[options]", f"label_map = {_toml_value(list(label_map))}",
+              f"holdout_source = {_toml_value(holdout or '')}", f"drop_small_classes = {_toml_value(drop_small)}"]
+    stages: list[Stage] = []
+    previous = ""
+    for name, cfg in trains:
+        settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+        if previous and settings.get("init_from"):
+            settings["init_from"] = "@" + previous
+        lines += ["", "[[stage]]", 'kind = "train"', f"name = {_toml_value(name)}"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+        stages.append(Stage("train", name, settings))
+        previous = name
+    tail = [Stage("export", "export"), Stage("quantize", "quantize", {"calib_size": calib_size, "adaround_iters": adaround_iters}),
+            Stage("validate", "validate", {"tta": tta}), Stage("bundle", "bundle")]
+    for s in tail[1:]:
+        lines += ["", "[[stage]]", f'kind = "{s.kind}"'] + [f"{k} = {_toml_value(v)}" for k, v in s.settings.items()]
+    text = "\n".join(lines) + "\n"
+    return Recipe(path=Path("<command line>"), text=text, name="command-line", seed=seed, base=Path("/"), data=sources,
+                  label_map=tuple(label_map), holdout=holdout, drop_small=drop_small, stages=stages + tail)
+
+
+def stage_records(recipe: Recipe, out: Path, workdirs: dict[str, Path], configs: dict[str, TrainConfig],
+                  signing_key: Path | None = None) -> list[dict]:
+    """Per stage: name, kind, work folder, full settings and the stand-alone command (`training.stages`)."""
+    import torch
+
+    records = []
+    last = next(reversed(workdirs.values()))
+    for s in recipe.stages:
+        if s.kind == "train":
+            settings = asdict(configs[s.name])
+            work = workdirs[s.name]
+            rec = {"name": s.name, "kind": "train", "workdir": str(work), "settings": settings,
+                   "command": stage_command(recipe, s, out, work, settings)}
+            if (work / "best.pt").is_file():
+                ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
+                rec |= {"best_epoch": ck.get("epoch"),
+                        "best_val": {k: ck.get("val", {}).get(k) for k in ("balanced_accuracy", "macro_auc", "accuracy")}}
+            records.append(rec)
+            continue
+        from .quantize import ADAROUND_ITERS, CALIB_SIZE
+
+        settings = {"quantize": {"calib_size": CALIB_SIZE, "adaround_iters": ADAROUND_ITERS},
+                    "validate": {"tta": "none"}}.get(s.kind, {}) | s.settings
+        if s.kind == "bundle":
+            settings = {"signing_key": str(signing_key) if signing_key else ""}
+        records.append({"name": s.name, "kind": s.kind, "workdir": str(last), "settings": settings,
+                        "command": stage_command(recipe, s, out, last, settings)})
+    return records

@@ -151,3 +151,26 @@ def test_the_shipped_recipe_describes_the_default_bundle() -> None:
     if not overrides:
         assert {n: str(p) for n, p in recipe.data.items()} == {n: str(Path(s["path"]).resolve())
                                                                 for n, s in shipped["sources"].items()}
+
+
+def test_a_plain_all_records_its_stages_and_an_equivalent_recipe(tmp_path: Path) -> None:
+    """A bundle built from flags carries the recipe that rebuilds it: the recorded text parses and names the same
+    settings and data."""
+    ham = make_ham(tmp_path / "ham", lesions_per_class=3, images_per_lesion=1)
+    out = tmp_path / "b"
+    r = cli("all", "--data", f"ham10000={ham}", "--out", str(out), "--epochs", "1", "--image-size", "48",
+            "--batch-size", "8", "--threads", "2", "--max-source-side", "80", "--calib-size", "7",
+            "--adaround-iters", "0", "--signing-key", str(TEST_PRIVATE_KEY))
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = load_bundle(out).manifest["training"]
+    assert [s["kind"] for s in t["stages"]] == ["train", "export", "quantize", "validate", "bundle"]
+    assert t["stages"][0]["settings"] == t["config"] and t["stages"][2]["settings"] == {"calib_size": 7, "adaround_iters": 0}
+    assert shlex.split(t["stages"][0]["command"])[:2] == ["build-model", "train"]
+    again = tmp_path / "again.toml"
+    again.write_text(t["recipe"]["text"])
+    rec = load_recipe(again)
+    assert rec.data == {"ham10000": ham.resolve()}
+    from build_model.recipe import train_config
+    from dataclasses import asdict
+
+    assert asdict(train_config(rec.train_stages()[0], rec.seed, tmp_path)) == t["config"]
