@@ -174,3 +174,21 @@ def test_a_plain_all_records_its_stages_and_an_equivalent_recipe(tmp_path: Path)
     from dataclasses import asdict
 
     assert asdict(train_config(rec.train_stages()[0], rec.seed, tmp_path)) == t["config"]
+
+
+def test_the_shipped_recipe_makes_the_shipped_bundles_split() -> None:
+    """With the data at the recipe's paths, its sources and seed give exactly the default bundle's split.csv."""
+    import csv
+
+    from build_model.data import load_sources, parse_label_maps, split_sources
+
+    data = ROOT.parent / "shared" / "data"
+    if not ((data / "ham10000").exists() and (data / "isic2017-train").exists()):
+        pytest.skip("HAM10000 and ISIC 2017 are not at ../shared/data (README 'Retraining' says where to get them)")
+    recipe = load_recipe(ROOT / "recipes" / "default.toml")
+    ds = load_sources(list(recipe.data_specs()), parse_label_maps(recipe.label_map))
+    split = split_sources(ds, seed=recipe.seed, holdout=recipe.holdout)
+    ours = {(ds.source_of[i], ds.ids[i]): split[i] for i in range(len(ds))}
+    with open(ROOT / "edge_agent" / "bundle" / "split.csv", newline="") as f:
+        shipped = {(r["source"], r["image_id"]): r["split"] for r in csv.DictReader(f)}
+    assert len(ours) == len(shipped) == 11994 and ours == shipped
