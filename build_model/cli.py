@@ -495,8 +495,8 @@ def evaluate(bundle_dir: Path | None, data: tuple[str, ...], label_map: tuple[st
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-@click.option("--images", type=click.Path(path_type=Path), default=None, help="real images to feed (default: examples/images)")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="best.pt for PyTorch eager (default: same architecture, untrained weights - speed does not depend on weight values)")
+@click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="real images to feed (default: examples/images)")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="best.pt for PyTorch eager (default: same architecture, untrained weights - speed does not depend on weight values)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 def bench(bundle_dir: Path, iterations: int, warmup: int, threads: int | None, images: Path | None,
           checkpoint: Path | None, as_json: bool) -> None:

@@ -132,3 +132,10 @@ def test_runtime_only_install_says_install_the_build_extra(tmp_path: Path) -> No
         line = one_line_error(r, 2)
         assert "install the build extra: pip install 'edge-derm-screen[build]'" in line and "torch" in line
         assert "ModuleNotFoundError" not in r.stderr
+
+
+def test_missing_files_given_to_bench_and_evaluate_are_one_line_errors(ham: Path, tmp_path: Path) -> None:
+    line = one_line_error(cli("bench", str(ROOT / "edge_agent" / "bundle"), "--checkpoint", str(tmp_path / "best.pt")), 2)
+    assert "'--checkpoint'" in line and "does not exist" in line
+    r = cli("evaluate", "--bundle", str(tmp_path / "nobundle"), "--data", str(ham))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "is not a folder" in r.stderr
