@@ -321,7 +321,7 @@ def _run_recipe(ctx: click.Context, recipe_path: Path, data: tuple[str, ...], ou
     recipe = load_recipe(recipe_path, data)
     _SOURCES.update(label_map=recipe.label_map, holdout=recipe.holdout, drop_small=recipe.drop_small)
     ds, split = data_and_split(recipe.data_specs(), out, recipe.seed)
-    run_recipe(recipe, ds, split, out, workdir_for(out, workdir), _log, padding=_padding, resume=not no_resume,
+    run_recipe(recipe, ds, split, out, workdir_for(out, workdir).resolve(), _log, padding=_padding, resume=not no_resume,
                signing_key=signing_key, build_command=_command_line())
     _verify_or_exit(out, signing_key=signing_key)
 

@@ -240,7 +240,7 @@ def stage_command(recipe: Recipe, stage: Stage, out: Path, work: Path, settings:
         args += ["--holdout-source", recipe.holdout]
     if recipe.drop_small:
         args.append("--drop-small-classes")
-    args += ["--out", str(out), "--workdir", str(work), "--seed", str(recipe.seed)]
+    args += ["--out", str(Path(out).resolve()), "--workdir", str(Path(work).resolve()), "--seed", str(recipe.seed)]
     for k, v in settings.items():
         if k == "seed" and stage.kind == "train":
             continue
