@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from .errors import ConfigError
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
@@ -102,7 +103,7 @@ class AugmentConfig:
         items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
         unknown = [n for n in items if n not in cls.__dataclass_fields__]
         if unknown:
-            raise ValueError(f"unknown augmentation {unknown}: choose from {sorted(cls.__dataclass_fields__)}")
+            raise ConfigError(f"unknown augmentation {unknown}: choose from {sorted(cls.__dataclass_fields__)}")
         return cls(**{n: True for n in items})
 
     def names(self) -> list[str]:

@@ -18,6 +18,8 @@ import numpy as np
 
 from edge_agent.benchstats import cpu_description, file_mb, latency_summary, peak_rss_mb, ratio, table
 
+from .errors import BuildError
+
 ENGINES = ("torch-fp32", "ort-fp32", "ort-int8")
 
 
@@ -31,7 +33,7 @@ def load_inputs(bundle: Path, images: Path | None, count: int = 16) -> np.ndarra
     folder = images or Path(__file__).resolve().parent.parent / "examples" / "images"
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
-        raise SystemExit(f"no images in {folder}: pass --images DIR with JPEG/PNG files")
+        raise BuildError(f"no images in {folder}: pass --images DIR with JPEG/PNG files")
     xs = [preprocess(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), pre) for f in files]
     while len(xs) < count:
         xs += xs
@@ -99,7 +101,7 @@ def run(bundle: Path, iters: int = 100, warmup: int = 10, threads: int | None = 
                    str(threads), str(images or ""), str(checkpoint or "")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
-                raise SystemExit(f"benchmark worker {engine} batch {batch} failed:\n{out.stderr[-2000:]}")
+                raise BuildError(f"benchmark worker {engine} batch {batch} failed:\n{out.stderr[-2000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     for batch in batches:
         by = {r["engine"]: r for r in rows if r["batch"] == batch}

@@ -12,12 +12,17 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import click
+from .errors import require_build_extra
 
-from edge_agent.preprocess import Preprocessing
+require_build_extra()  # a runtime-only install: one line naming the extra, not ModuleNotFoundError: torch
 
-from .quantize import ADAROUND_ITERS, CALIB_SIZE
-from .train import TrainConfig
+import click  # noqa: E402
+
+from edge_agent.preprocess import Preprocessing  # noqa: E402
+
+from .errors import BuildError, build_extra_message, missing_build_module  # noqa: E402
+from .quantize import ADAROUND_ITERS, CALIB_SIZE  # noqa: E402
+from .train import TrainConfig  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -29,18 +34,42 @@ def workdir_for(out: Path, workdir: Path | None) -> Path:
 
 
 # Set by the group-level data options of the command being run (see `data_options`).
-_SOURCES: dict = {"label_map": (), "holdout": None}
+_SOURCES: dict = {"label_map": (), "holdout": None, "drop_small": False}
+
+
+class BuildExtraMissing(click.ClickException):
+    exit_code = 2
+
+
+class BuildGroup(click.Group):
+    """Reports every expected failure (BuildError, a missing build-extra package) as one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BuildError as e:
+            raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if missing_build_module(e) is None:
+                raise
+            raise BuildExtraMissing(build_extra_message([missing_build_module(e) or ""])) from None
 
 
 def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
     """Load every --data source; reuse <out>/split.csv or write a new lesion-grouped split per source."""
-    from .data import load_sources, parse_label_maps, read_split, split_sources, write_split
+    from .data import drop_small_classes, load_sources, parse_label_maps, read_split, split_sources, write_split
 
     specs = list(data) if isinstance(data, (tuple, list)) else [data]
+    if not specs:
+        raise click.UsageError("Missing option '--data': give the training data (NAME=PATH or PATH; repeatable)")
     try:
         ds = load_sources(specs, parse_label_maps(_SOURCES["label_map"]))
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    if _SOURCES["drop_small"]:
+        ds, dropped = drop_small_classes(ds, _SOURCES["holdout"])
+        for name, classes in dropped.items():
+            _log(f"--drop-small-classes: {name}: left out " + ", ".join(f"{c} ({g} lesions, {i} images)" for c, (g, i) in classes.items()))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "split.csv"
     if path.exists():
@@ -58,18 +87,22 @@ def data_and_split(data: tuple[Path, ...] | Path, out: Path, seed: int):
 
 
 def _remember_sources(ctx: click.Context, param: click.Parameter, value):
-    _SOURCES["label_map" if param.name == "label_map" else "holdout"] = value
+    _SOURCES[param.name if param.name in ("label_map", "drop_small") else "holdout"] = value
     return value
 
 
 common_train = [
-    click.option("--data", type=str, multiple=True, required=True,
-                 help="a source: HAM10000-layout folder, class-per-subfolder folder or MedMNIST .npz, optionally "
-                      "named NAME=PATH; repeat for several sources (each split on its own, `source` column in split.csv)"),
+    click.option("--data", type=str, multiple=True,
+                 help="(required) a source: HAM10000-layout folder, class-per-subfolder folder or MedMNIST .npz, "
+                      "optionally named NAME=PATH; repeat for several sources (each split on its own, `source` column "
+                      "in split.csv); with `all --recipe`: NAME=PATH replaces the recipe's source NAME"),
     click.option("--label-map", "label_map", multiple=True, expose_value=False, callback=_remember_sources,
                  help="SOURCE:FROM=TO[,FROM=TO] renames a source's labels onto the model's classes (repeatable)"),
     click.option("--holdout-source", "holdout", default=None, expose_value=False, callback=_remember_sources,
                  help="a source never trained on (split 'holdout'): leave-one-source-out, score it with `evaluate`"),
+    click.option("--drop-small-classes", "drop_small", is_flag=True, expose_value=False, callback=_remember_sources,
+                 help="leave out a source's classes with fewer than 3 lesions (too few for train/val/test) instead of "
+                      "refusing the data; recorded in the manifest"),
     click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle folder to write"),
     click.option("--workdir", type=click.Path(path_type=Path), default=None, help="checkpoints and intermediate files (default: <out>.work)"),
     click.option("--seed", type=int, default=0, show_default=True),
@@ -107,10 +140,25 @@ def train_options(f):
 def make_config(seed: int, overrides: dict) -> TrainConfig:
     vals = {k: v for k, v in overrides.items() if v is not None and k in TrainConfig.__dataclass_fields__}
     vals.setdefault("seed", seed)
-    return TrainConfig(**vals)
+    cfg = TrainConfig(**vals)
+    check_config(cfg)
+    return cfg
 
 
-@click.group()
+def check_config(cfg: TrainConfig) -> None:
+    """Unknown names fail here, before data loading and hours of training, not at the first batch."""
+    from .augment import AugmentConfig
+    from .model import ARCHS
+
+    if cfg.arch not in ARCHS:
+        raise click.BadParameter(f"{cfg.arch!r}: choose one of {sorted(ARCHS)}", param_hint="--arch")
+    if cfg.augment != "legacy":
+        AugmentConfig.from_names(cfg.augment)  # ConfigError names the unknown ones
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise click.BadParameter(f"{cfg.device!r}: choose cpu, cuda or auto", param_hint="--device")
+
+
+@click.group(cls=BuildGroup)
 def main() -> None:
     """Build, check and benchmark the screening model bundle."""
 
@@ -205,16 +253,22 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
 @adaround_option
 @signing_key_option
 @tta_option
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="a TOML recipe (data sources, every stage and its settings; e.g. recipes/default.toml, the default "
+                   "bundle's): runs its stages instead of the options here; --data NAME=PATH replaces a source")
 @click.pass_context
 def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
         calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, tta: str,
-        **kw) -> None:
+        recipe_path: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
     from . import stages
 
     _check_signing_key(signing_key)
+    if recipe_path is not None:
+        _run_recipe(ctx, recipe_path, data, out, workdir, no_resume, signing_key)
+        return
     cfg = make_config(seed, kw)
     ds, split = data_and_split(data, out, seed)
     work = workdir_for(out, workdir)
@@ -223,6 +277,7 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
 
     pre = Preprocessing(input_size=cfg.image_size)
     best = run_train(ds, split, work, cfg, pre, resume=not no_resume, log=_log)
+    trains, workdirs = [("train", cfg)], {"train": work}
     if qat_epochs > 0 and not cfg.qat:
         qcfg = replace(cfg, epochs=qat_epochs, lr=qat_lr, warmup_epochs=0.1, label_smoothing=0.0, qat=True,
                        init_from=str(best))
@@ -231,10 +286,43 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
         shutil.copyfile(work.parent / "padding.json", work / "padding.json")
         _log(f"quantization-aware fine-tuning: {qat_epochs} epochs from {best}")
         run_train(ds, split, work, qcfg, pre, resume=not no_resume, log=_log)
+        trains.append(("qat", qcfg))
+        workdirs["qat"] = work
+    from .recipe import options_recipe, stage_records
+
+    recipe = options_recipe(data, _SOURCES["label_map"], _SOURCES["holdout"], _SOURCES["drop_small"], seed, trains,
+                            calib_size, adaround_iters, tta)
+    records = stage_records(recipe, out, workdirs, dict(trains), signing_key)
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
     stages.validate(ds, split, work, _log, seed, tta=tta)
-    stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key)
+    stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key,
+                  training_extra={"recipe": recipe.record(), "stages": records})
+    _verify_or_exit(out, signing_key=signing_key)
+
+
+RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "tta", "label_map", "holdout",
+               "drop_small")
+
+
+def _run_recipe(ctx: click.Context, recipe_path: Path, data: tuple[str, ...], out: Path, workdir: Path | None,
+                no_resume: bool, signing_key: Path | None) -> None:
+    """`all --recipe`: the recipe sets every training and stage setting; the command line only where and how."""
+    from click.core import ParameterSource
+
+    from .recipe import load_recipe, run_recipe
+
+    given = [p.opts[0] for p in ctx.command.params
+             if (p.name in RECIPE_OWNS or p.name in TrainConfig.__dataclass_fields__)
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--recipe sets the training and stage settings; {', '.join(given)} belong in the recipe "
+                               "file (copy it and edit the copy)")
+    recipe = load_recipe(recipe_path, data)
+    _SOURCES.update(label_map=recipe.label_map, holdout=recipe.holdout, drop_small=recipe.drop_small)
+    ds, split = data_and_split(recipe.data_specs(), out, recipe.seed)
+    run_recipe(recipe, ds, split, out, workdir_for(out, workdir).resolve(), _log, padding=_padding, resume=not no_resume,
+               signing_key=signing_key, build_command=_command_line())
     _verify_or_exit(out, signing_key=signing_key)
 
 
@@ -247,7 +335,7 @@ def _padding(work: Path, image_size: int) -> None:
     (work / "padding.json").write_text(json.dumps(res, indent=2))
     best = max(res, key=lambda k: res[k]["mean_logp_true"])
     if best != "tf+127/128":
-        raise SystemExit(f"padding check: the ImageNet weights prefer {best}, not tf+127/128 ({res}); build_model/model.py is wrong for these weights")
+        raise BuildError(f"padding check: the ImageNet weights prefer {best}, not tf+127/128 ({res}); build_model/model.py is wrong for these weights")
     _log(f"padding check: tf+127/128 fits the weights best ({res[best]['mean_logp_true']:.3f} mean log-p)")
 
 
@@ -392,8 +480,13 @@ def evaluate(bundle_dir: Path | None, data: tuple[str, ...], label_map: tuple[st
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.md").write_text(md)
         (out / "evaluation.json").write_text(_json.dumps(res, indent=1, default=float))
-        for p in plot(res, out):
-            _log(f"wrote {p}")
+        try:
+            for p in plot(res, out):
+                _log(f"wrote {p}")
+        except ModuleNotFoundError as e:  # plots are extra: the numbers above are the result
+            if e.name is None or e.name.split(".")[0] != "matplotlib":
+                raise
+            _log("warning: no ROC/reliability PNGs: matplotlib is not installed (pip install matplotlib)")
         _log(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
 
 
@@ -402,8 +495,8 @@ def evaluate(bundle_dir: Path | None, data: tuple[str, ...], label_map: tuple[st
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-@click.option("--images", type=click.Path(path_type=Path), default=None, help="real images to feed (default: examples/images)")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="best.pt for PyTorch eager (default: same architecture, untrained weights - speed does not depend on weight values)")
+@click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="real images to feed (default: examples/images)")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="best.pt for PyTorch eager (default: same architecture, untrained weights - speed does not depend on weight values)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 def bench(bundle_dir: Path, iterations: int, warmup: int, threads: int | None, images: Path | None,
           checkpoint: Path | None, as_json: bool) -> None:

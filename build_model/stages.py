@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_agent.preprocess import Preprocessing, preprocess
 
+from .errors import BuildError
 from . import gate as gate_mod
 from .calibrate import apply_thresholds, calibration_report, choose_thresholds, fit_temperature
 from .data import Dataset
@@ -41,6 +42,23 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+# Which stage writes each work file: a stage run before its inputs exist says which to run first.
+PRODUCER = {"best.pt": "train", "model.fp32.onnx": "export", "export.json": "export", "quantize.json": "quantize",
+            "model.int8.onnx": "quantize", "logits.fp32.val.npy": "quantize", "validate.json": "validate"}
+
+
+def need(work: Path, stage: str, *names: str) -> None:
+    """Refuse to run `stage` when a file an earlier stage writes is missing, naming that stage.
+
+    Why: `export` before `train` used to die in torch.load with a FileNotFoundError traceback.
+    """
+    for name in names:
+        if not (work / name).exists():
+            before = PRODUCER[name]
+            raise BuildError(f"`build-model {stage}` needs {work / name}, which `build-model {before}` writes: run "
+                             f"`{before}` first with the same --out and --workdir (or `build-model all`)")
+
+
 def tensors(ds: Dataset, idx: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return np.stack([preprocess(ds.image(int(i), 4 * pre.input_size), pre) for i in idx]).astype(np.float32)
 
@@ -53,6 +71,7 @@ def checkpoint_pre(work: Path) -> tuple[Preprocessing, dict]:
 
 
 def export(ds: Dataset, split: np.ndarray, work: Path, log: Log, parity_images: int = 64) -> dict:
+    need(work, "export", "best.pt")
     model, ck = load_checkpoint(work / "best.pt")
     pre = Preprocessing.from_dict(ck["preprocessing"])
     onnx_path = work / "model.fp32.onnx"
@@ -62,7 +81,7 @@ def export(ds: Dataset, split: np.ndarray, work: Path, log: Log, parity_images: 
     _write(work / "export.json", result)
     log(f"export: {onnx_path} parity max|diff| {result['max_abs_diff']:.2e}, top-1 identical at batch 1/2/8: {result['top1_identical_all']}")
     if not result["passed"]:
-        raise SystemExit(f"ONNX parity check failed ({result}); the export does not match PyTorch - do not ship it")
+        raise BuildError(f"ONNX parity check failed ({result}); the export does not match PyTorch - do not ship it")
     return result
 
 
@@ -76,6 +95,7 @@ def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: lis
 def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = CALIB_SIZE, seed: int = 0,
                    methods: tuple[str, ...] = METHODS, adaround_iters: int = ADAROUND_ITERS,
                    adaround_images: int = ADAROUND_IMAGES) -> dict:
+    need(work, "quantize", "best.pt", "model.fp32.onnx")
     pre, ck = checkpoint_pre(work)
     ranges = ck.get("qat_ranges") or None
     if ck["config"].get("qat"):
@@ -147,6 +167,8 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     With `tta="hflip"` every model is judged, calibrated and thresholded on the mean of the image's
     and its mirror image's logits, which is what the agent computes for such a bundle.
     """
+    need(work, "validate", "best.pt", "model.fp32.onnx", "quantize.json", "model.int8.onnx",
+         *(("logits.fp32.val.npy",) if tta == "none" else ()))
     pre, _ = checkpoint_pre(work)
     quant = _read(work / "quantize.json")
     te, va = np.flatnonzero(split == "test"), np.flatnonzero(split == "val")
@@ -302,13 +324,16 @@ def training_summary(ds: Dataset, split: np.ndarray, ck: dict, work: Path) -> di
 
 
 def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command: str, log: Log,
-           signing_key: Path | None = None) -> dict:
+           signing_key: Path | None = None, training_extra: dict | None = None) -> dict:
+    """Write the bundle; `training_extra` (a recipe's record and its stages) joins the manifest's `training`."""
     from .bundle import write_bundle
     from .report import render
 
+    need(work, "bundle", "best.pt", "model.fp32.onnx", "export.json", "quantize.json", "model.int8.onnx", "validate.json")
     pre, ck = checkpoint_pre(work)
     val, quant, par = _read(work / "validate.json"), _read(work / "quantize.json"), _read(work / "export.json")
     training = training_summary(ds, split, ck, work)
+    training.update(training_extra or {})
     license_text, citation = license_and_citation(ds)
     arch = ck["config"].get("arch", "lite0")
     md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-{arch.title()} {pre.input_size}px", labels=ds.labels,

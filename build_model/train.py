@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from edge_agent.preprocess import Preprocessing, preprocess, to_tensor
 
+from .errors import BuildError
 from .augment import AugmentConfig, augment, augment_v2
 from .data import Dataset, load_images
 from .metrics import softmax, summarize, summarize_restricted
@@ -145,7 +146,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu")
+        raise BuildError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu")
     return torch.device(name)
 
 
@@ -224,19 +225,21 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
 
     model = build_model(n_cls, cfg.image_size, pretrained=not cfg.init_from, arch=cfg.arch)
     if cfg.init_from:
+        if not Path(cfg.init_from).is_file():
+            raise BuildError(f"--init-from {cfg.init_from}: no such checkpoint; give the best.pt of a finished training run")
         init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
         if init["labels"] != ds.labels:
-            raise SystemExit(f"--init-from {cfg.init_from} has labels {init['labels']}, the data has {ds.labels}")
+            raise BuildError(f"--init-from {cfg.init_from} has labels {init['labels']}, the data has {ds.labels}")
         if init["config"].get("arch", "lite0") != cfg.arch:
-            raise SystemExit(f"--init-from {cfg.init_from} is {init['config'].get('arch', 'lite0')}, this run asks for --arch {cfg.arch}")
+            raise BuildError(f"--init-from {cfg.init_from} is {init['config'].get('arch', 'lite0')}, this run asks for --arch {cfg.arch}")
         model.load_state_dict(init["model"])  # padding amounts are not parameters: any input size works
         log(f"initialised from {cfg.init_from} (epoch {init.get('epoch')})")
     cal_x = None
     if cfg.qat:
         if not cfg.init_from:
-            raise SystemExit("--qat fine-tunes a trained model for INT8; give --init-from <workdir>/best.pt of a float run")
+            raise BuildError("--qat fine-tunes a trained model for INT8; give --init-from <workdir>/best.pt of a float run")
         if dev.type != "cpu":
-            raise SystemExit("--qat simulates ONNX Runtime's CPU INT8 arithmetic: run it with --device cpu")
+            raise BuildError("--qat simulates ONNX Runtime's CPU INT8 arithmetic: run it with --device cpu")
         from .qat import calibrate, float_pass, onnx_ranges, prepare
         from .quantize import CALIB_SIZE, FP32_FIRST_CONVS, calibration_indices
 
@@ -265,7 +268,7 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         same = {k: v for k, v in saved.items() if k not in OPERATIONAL} == \
             {k: v for k, v in asdict(cfg).items() if k not in OPERATIONAL}
         if not same or ck["labels"] != ds.labels:
-            raise SystemExit(f"{last} was made with other settings or labels; use another --workdir or delete it to start over")
+            raise BuildError(f"{last} was made with other settings or labels; use another --workdir or delete it to start over")
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); state = ck["state"]
         log(f"resumed at step {state['step']} (epoch {state['step'] // steps_per_epoch + 1})")
 
