@@ -136,7 +136,6 @@ def evaluate_bundle(bundle_dir, specs: list[str], split_csv=None, subset: str | 
                     threads: int = 2, reps: int = BOOTSTRAP, log=print, label_maps: dict | None = None) -> dict:
     """Per source: the metrics of `evaluate_source` at the bundle's thresholds, plus the curves' data."""
     import csv
-    from pathlib import Path
 
     from .data import load_sources
 
