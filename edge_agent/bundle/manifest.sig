@@ -4,6 +4,6 @@
   "algorithm": "ed25519",
   "key_id": "ed25519:e71b73ea07d03145",
   "public_key": "oXw3cNpxMu7RNsWDNhieh0xwY1IbSGSnxIZ2mKhufBs=",
-  "manifest_sha256": "206df18d68b1ff7f3fe2c579e61f870e92d2ea2730964a7893fca364761407d3",
-  "signature": "BVO34aNqqWuZ9eKdKLtCnYEVdRAs5Tcwi5s8V+1imsWjidGR8/X1Dbart40fOMe25zsk11qu6EEYs5IXvAoGCA=="
+  "manifest_sha256": "f24a9fbcf7e65e1d2e7ac529c3fef77ee2f52b3e438d763a76e146b82da054a0",
+  "signature": "Jr7DEU0vtXyJDtwlrQjDnqMT8K1256b5jpwkpQNDdmxcH3oONuNFiHknp6IrwJRYKmYpPSPWIjY723SkiH/DDg=="
 }
