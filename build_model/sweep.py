@@ -39,7 +39,7 @@ from .calibrate import choose_thresholds, fit_temperature
 from .data import Dataset, cache_images, load_sources, split_sources
 from .evaluate import evaluate_source
 from .metrics import softmax
-from .train import TrainConfig, predict_logits, train
+from .train import TrainConfig, pick_device, predict_logits, train
 
 # Relative cost per image of the backbones and sizes (FLOPs, measured ratio replaces it once run).
 COST = {("lite0", 192): 1.0, ("lite0", 224): 1.36, ("lite2", 192): 2.2, ("lite2", 224): 3.0, ("lite2", 260): 4.0}
@@ -112,15 +112,14 @@ class Sweep:
         import torch
 
         ck = torch.load(best, map_location="cpu", weights_only=False)
-        hist = ck and json.loads((work / "history.json").read_text())
+        hist = json.loads((work / "history.json").read_text())
         ips = [h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]]
         self.speed[(cfg.arch, cfg.image_size)] = float(np.median(ips))
         from .model import build_model
 
         model = build_model(len(self.ds.labels), cfg.image_size, pretrained=False, arch=cfg.arch)
         model.load_state_dict(ck["model"])
-        dev = next(iter([torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))]))
-        model = model.to(dev).to(memory_format=torch.channels_last)
+        model = model.to(pick_device(cfg.device)).to(memory_format=torch.channels_last)
         row = {"name": name, "config": asdict(cfg), "best_epoch": ck["epoch"], "seconds": round(time.time() - t, 1),
                "images_per_s": self.speed[(cfg.arch, cfg.image_size)], "history": hist, "checkpoint": str(best)}
         labels = self.ds.labels
