@@ -88,11 +88,7 @@ def choose_thresholds(prob_val: np.ndarray, y_val: np.ndarray, labels: list[str]
         s, sp = sens_spec(positive, score >= t)
         rule.update(probability=t, val_sensitivity=s, val_specificity=sp)
         if src is not None and len(set(src.tolist())) > 1:
-            rule["val_by_source"] = {}
-            for s_name in sorted(set(src.tolist())):
-                m = src == s_name
-                ss, ssp = sens_spec(positive[m], score[m] >= t)
-                rule["val_by_source"][s_name] = {"sensitivity": ss, "specificity": ssp, "positives": int(positive[m].sum())}
+            rule["val_by_source"] = by_source(src, positive, score >= t)
         out[name] = rule
     return out
 
@@ -110,10 +106,16 @@ def apply_thresholds(thresholds: dict, prob: np.ndarray, y: np.ndarray, labels: 
         th[f"{split}_sensitivity"], th[f"{split}_specificity"] = s, sp
         th[f"{split}_flag_rate"] = float((score >= th["probability"]).mean())
         if src is not None and len(set(src.tolist())) > 1:
-            th[f"{split}_by_source"] = {}
-            for s_name in sorted(set(src.tolist())):
-                m = src == s_name
-                ss, ssp = sens_spec(positive[m], score[m] >= th["probability"])
-                th[f"{split}_by_source"][s_name] = {"sensitivity": ss, "specificity": ssp,
-                                                     "flag_rate": float((score[m] >= th["probability"]).mean())}
+            th[f"{split}_by_source"] = by_source(src, positive, score >= th["probability"])
     return thresholds
+
+
+def by_source(src: np.ndarray, positive: np.ndarray, flagged: np.ndarray) -> dict:
+    """A rule's sensitivity, specificity, positives and flag rate within each source."""
+    out = {}
+    for name in sorted(set(src.tolist())):
+        m = src == name
+        s, sp = sens_spec(positive[m], flagged[m])
+        out[name] = {"sensitivity": s, "specificity": sp, "positives": int(positive[m].sum()),
+                     "flag_rate": float(flagged[m].mean())}
+    return out

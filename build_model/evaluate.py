@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from .calibrate import risk_score
 from .metrics import ece, sens_spec, summarize_restricted
 
 BOOTSTRAP = 1000
@@ -36,10 +37,6 @@ def bootstrap(stat, n: int, reps: int = BOOTSTRAP, seed: int = 0) -> tuple[float
     if not vals:
         return float("nan"), float("nan")
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
-
-
-def risk(prob: np.ndarray, labels: list[str], group: list[str]) -> np.ndarray:
-    return prob[:, [labels.index(g) for g in group if g in labels]].sum(1)
 
 
 def evaluate_source(prob: np.ndarray, y: np.ndarray, labels: list[str], allowed: list[str],
@@ -69,7 +66,7 @@ def evaluate_source(prob: np.ndarray, y: np.ndarray, labels: list[str], allowed:
         if "labels" not in th:
             continue
         group = [g for g in th["labels"] if g in labels]
-        score = risk(prob, labels, group)
+        score = risk_score(prob, labels, group)
         flag = score >= th["probability"]
         flagged_any |= flag
         positive = np.isin(y, [labels.index(g) for g in group])
