@@ -149,8 +149,9 @@ def test_the_shipped_recipe_describes_the_default_bundle() -> None:
         {k: v for k, v in shipped["config"].items() if k not in operational}
     assert set(recipe.data) == set(shipped["sources"]) and recipe.seed == shipped["seed"]
     if not overrides:
-        assert {n: str(p) for n, p in recipe.data.items()} == {n: str(Path(s["path"]).resolve())
-                                                                for n, s in shipped["sources"].items()}
+        # the shipped paths are where the data lay on the build machine: the same folders under shared/data
+        assert {n: Path(p).parts[-3:] for n, p in recipe.data.items()} == \
+            {n: Path(s["path"]).parts[-3:] for n, s in shipped["sources"].items()}
 
 
 def test_a_plain_all_records_its_stages_and_an_equivalent_recipe(tmp_path: Path) -> None:
