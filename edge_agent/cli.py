@@ -4,8 +4,9 @@ Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
 a warning, or `model verify` found problems; 2 invalid settings, bundle or
 database at start, or another agent already holds the inbox or the database
 (nothing was processed); 3 the agent stopped on a runtime
-failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully on SIGHUP
-(the systemd unit restarts it: RestartForceExitStatus=4, until SIGHUP means reload).
+failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully to restart
+after a reload (SIGHUP) whose changes only apply at start (the systemd unit restarts
+it: RestartForceExitStatus=4). SIGHUP itself reloads the model in place (modelswap.py).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
 so `results` and `status` answer instantly.
@@ -163,22 +164,23 @@ def run(config_file: Path | None, **flags: Any) -> None:
         log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
         stop.set()
 
-    hup = threading.Event()
+    try:
+        agent = Agent(s, Notifier(), reload_settings=lambda: load_settings(flags, config_file=config_file))
+    except ConfigError as e:
+        _fail(str(e))
 
     def on_hup(signum: int, frame: Any) -> None:
-        # Reload hook: SIGHUP will mean "re-read the settings and the bundle" (a later issue). Until then it
-        # is a graceful stop, never the default kill: systemd's Restart= starts the agent with the new
-        # settings. Replace this handler (and keep the graceful path for what cannot be reloaded).
-        log.warning("SIGHUP received: reloading is not supported yet, so the agent stops gracefully (finishing "
-                    "the batch in flight) with exit code %d, which the systemd unit restarts with the new "
-                    "settings (RestartForceExitStatus=%d)", EXIT_HUP, EXIT_HUP)
-        hup.set()
-        stop.set()
+        # SIGHUP (`systemctl reload edge-agent`): re-read the settings and the active model, verify the model
+        # fully and switch it between two batches (modelswap.py); a bad one leaves the running model in place.
+        # Settings that only apply at start make the agent stop gracefully with exit code 4, which the unit
+        # restarts (RestartForceExitStatus=4).
+        log.info("SIGHUP received: reloading the settings and the active model")
+        agent.request_reload()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
-        code = Agent(s, Notifier()).run(stop)
+        code = agent.run(stop)
     except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
@@ -186,7 +188,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sys.exit(EXIT_HUP if code == 0 and hup.is_set() else code)
+    sys.exit(code)
 
 
 # --- scan --------------------------------------------------------------------------------
