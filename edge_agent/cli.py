@@ -602,5 +602,75 @@ def _check_loads(rep: Any) -> None:
                 rep.warnings.append(msg + (f"; the agent would fall back to {b.fallback}" if variant == b.primary else ""))
 
 
+# --- model activate / rollback (modelswap.py) ---------------------------------------------------
+
+def _swap_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for o in reversed([
+        click.option("--db", type=click.Path(path_type=Path), help="results database of the agent (or EDGE_AGENT_DB); "
+                     "the active-model pointer lives beside it"),
+        click.option("--reload/--no-reload", "reload_", default=True, show_default=True,
+                     help="signal the running agent (SIGHUP) and wait for it to switch"),
+        click.option("--wait", type=click.FloatRange(min=0), default=120, show_default=True,
+                     help="seconds to wait for the running agent to report the switch"),
+        _SPECIAL["trusted_keys"], _SPECIAL["allow_unsigned_bundle"],
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="TOML settings file of the agent (db, inbox, trust, thresholds, providers)"),
+    ]):
+        f = o(f)
+    return f
+
+
+def _swap(action: str, config_file: Path | None, flags: dict[str, Any], reload_: bool, wait: float,
+          bundle: Path | None = None) -> NoReturn:
+    from . import modelswap
+
+    logsetup.setup("WARNING")
+    s = _load(flags, config_file)
+    ptr = modelswap.pointer_path(s.db_path)
+    try:
+        saved = modelswap.read_pointer(ptr) if ptr.exists() else None
+        cand, _ = modelswap.activate(s, bundle) if bundle is not None else modelswap.rollback(s)
+    except (modelswap.SwapRejected, ConfigError, StoreError) as e:
+        _fail(f"{e}; the active model is unchanged", EXIT_INCOMPLETE)
+    b = cand.bundle
+    click.echo(f"verified {b.model_id} ({b.path}): checksums, signature, format, gate, test inference on "
+               f"{cand.variant}: ok")
+    click.echo(f"{action}: {ptr} now names {b.model_id}")
+    if not reload_:
+        click.echo("not signalled (--no-reload): `systemctl reload edge-agent` switches the running agent")
+        sys.exit(0)
+    result, msg = modelswap.tell_daemon(s.db_path, b.manifest_sha256, wait)
+    click.echo(msg)
+    if result == "rejected":
+        if saved is None:
+            ptr.unlink(missing_ok=True)
+        else:
+            modelswap.write_pointer(ptr, saved)
+        _fail(f"the running agent did not switch ({msg}); the pointer was restored, the running model is unchanged",
+              EXIT_RUNTIME)
+    sys.exit(EXIT_RUNTIME if result == "no-permission" else 0)
+
+
+@model.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_swap_options
+def activate(bundle: Path, db: Path | None, reload_: bool, wait: float, trusted_keys: tuple[Path, ...],
+             allow_unsigned_bundle: bool | None, config_file: Path | None) -> None:
+    """Verify BUNDLE fully (checksums, signature, format, gate, a test inference) and make it the active model;
+    the running agent switches to it between two batches. Exit 0: active (or active at the next start when the
+    agent is not running); 1: the bundle was rejected, nothing changed; 3: the running agent did not switch."""
+    _swap("activated", config_file, {"db": db, "trusted_keys": trusted_keys,
+                                     "allow_unsigned_bundle": allow_unsigned_bundle}, reload_, wait, bundle)
+
+
+@model.command()
+@_swap_options
+def rollback(db: Path | None, reload_: bool, wait: float, trusted_keys: tuple[Path, ...],
+             allow_unsigned_bundle: bool | None, config_file: Path | None) -> None:
+    """Return to the model that was active before the last activation (verified like any activation)."""
+    _swap("rolled back", config_file, {"db": db, "trusted_keys": trusted_keys,
+                                       "allow_unsigned_bundle": allow_unsigned_bundle}, reload_, wait)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -306,3 +306,68 @@ def swapped(agent: Any, old: Any, new: Any) -> None:
     detail = (f"{old.bundle.model_id} -> {b.model_id} (variant {new.engine.variant}, manifest "
               f"{b.manifest_sha256[:12]}, from {b.path}; {new.source})")
     _note(agent, "switched", detail, "model_swap")
+
+
+# --- the command line's side: tell the running daemon and wait for its answer ------------------------
+
+def _agent_state(db: Path) -> dict[str, str]:
+    from .store import connect
+
+    conn = connect(db, readonly=True)
+    try:
+        return {r[0]: r[1] for r in conn.execute("SELECT key, value FROM agent_state")}
+    finally:
+        conn.close()
+
+
+def running_daemon(db: Path) -> int | None:
+    """The pid of the `run` daemon using this database, if one is running now."""
+    from .status import collect
+    from .store import StoreError, connect
+
+    try:
+        conn = connect(db, readonly=True)
+    except StoreError:
+        return None
+    try:
+        st = collect(conn, db)
+    finally:
+        conn.close()
+    return int(st["agent"]["pid"]) if st["running"] else None
+
+
+def tell_daemon(db: Path, manifest_sha256: str, wait: float) -> tuple[str, str]:
+    """SIGHUP the running daemon and wait until it reports the outcome. Returns (result, message):
+    result is 'not-running', 'switched', 'restart', 'rejected', 'no-permission' or 'timeout'."""
+    import signal
+    import time
+
+    pid = running_daemon(db)
+    if pid is None:
+        return "not-running", "the agent is not running: it starts with this model"
+    before = _agent_state(db).get("model_swap", "")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        return "no-permission", (f"cannot signal the agent (pid {pid}) as this user: run `systemctl reload "
+                                 "edge-agent` (or this command as root / the agent's user)")
+    except ProcessLookupError:
+        return "not-running", "the agent stopped meanwhile: it starts with this model"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = _agent_state(db)
+        if st.get("model_manifest_sha256") == manifest_sha256 and st.get("pid") == str(pid):
+            return "switched", f"the running agent (pid {pid}) switched to it between two batches"
+        note = st.get("model_swap", "")
+        if note and note != before:
+            try:
+                n = json.loads(note)
+            except ValueError:
+                continue
+            if n.get("result") in ("rejected", "restart", "failed"):
+                return ("restart" if n["result"] == "restart" else "rejected"), str(n.get("detail", ""))
+            if n.get("result") == "switched":
+                return "switched", f"the running agent (pid {pid}) switched: {n.get('detail', '')}"
+    return "timeout", (f"the agent (pid {pid}) did not report the switch within {wait:g} s; see `edge-agent "
+                       "status` and the journal")
