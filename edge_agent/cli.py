@@ -458,6 +458,75 @@ def status(db: Path | None, config_file: Path | None, fmt: str, as_json: bool) -
     sys.exit(1 if st["warnings"] else 0)
 
 
+# --- prune (retention.py) ----------------------------------------------------------------------
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file of the agent")
+@click.option("--db", type=click.Path(path_type=Path), help=_help("db"))
+@click.option("--inbox", type=click.Path(path_type=Path), help=_help("inbox") + " (locates the default folders)")
+@click.option("--processed-dir", type=click.Path(path_type=Path), help=_help("processed_dir"))
+@click.option("--quarantine-dir", type=click.Path(path_type=Path), help=_help("quarantine_dir"))
+@click.option("--keep-processed-days", type=float, help=_help("keep_processed_days"))
+@click.option("--keep-quarantine-days", type=float, help=_help("keep_quarantine_days"))
+@click.option("--prune-free-mb", type=float, help=_help("prune_free_mb"))
+@_format_options
+def prune(dry_run: bool, config_file: Path | None, fmt: str, as_json: bool, **flags: Any) -> None:
+    """Apply the retention settings now (the daemon does it every prune_seconds): remove stored images and
+    quarantined files older than keep_*_days, or the oldest below the prune_free_mb watermark. Only files a
+    database row says the agent stored there, with the row's content; rows stay, marked pruned."""
+    from .retention import Policy, prune as run_prune
+
+    s = _load(flags, config_file)
+    policy = Policy(s.keep_processed_days, s.keep_quarantine_days, s.prune_free_mb)
+    if not policy.active:
+        _fail("no retention is configured: set keep_processed_days, keep_quarantine_days or prune_free_mb (config "
+              "file or --keep-processed-days ...); nothing was removed", EXIT_INCOMPLETE)
+    logsetup.setup("WARNING")
+    try:
+        rep = run_prune(s.db_path, s.processed_path, s.quarantine_path, policy, dry_run=dry_run)
+    except (StoreError, ConfigError) as e:
+        _fail(str(e))
+    except sqlite3.DatabaseError as e:
+        _not_ours(s.db_path, e)
+    if as_json or fmt == "json":
+        click.echo(json.dumps({"dry_run": dry_run, **rep.to_dict()}, indent=2))
+        return
+    if dry_run:
+        for p in rep.would_remove:
+            click.echo(f"would remove {logsetup.printable(p)}")
+        click.echo(f"dry run: {len(rep.would_remove)} file(s), {rep.removed_bytes / 2**20:.1f} MiB would be removed")
+    else:
+        click.echo(f"removed {rep.removed} file(s), {rep.removed_bytes / 2**20:.1f} MiB; {rep.missing} were already "
+                   "gone (marked missing)")
+    for p, why in rep.skipped:
+        click.echo(f"left alone: {logsetup.printable(p)}: {why}", err=True)
+
+
+# --- backup (backup.py) ------------------------------------------------------------------------
+
+@main.command()
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path),
+              help="backup file, or a folder for a time-stamped results-YYYYmmddTHHMMSSZ.db")
+@click.option("--keep", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with a folder: keep only the newest N backups there (0: keep all)")
+@_db_options
+def backup(to: Path, keep: int, db: Path | None, config_file: Path | None) -> None:
+    """Copy the results database consistently while the agent writes (SQLite online backup), check the copy
+    (integrity_check) and put it in place atomically. Restore: docs/operations.md."""
+    from .backup import BackupError, backup as run_backup
+
+    s = _load({"db": db}, config_file)
+    try:
+        r = run_backup(s.db_path, to, keep)
+    except (BackupError, StoreError) as e:
+        _fail(str(e), EXIT_RUNTIME)
+    click.echo(f"backed up {s.db_path} to {r.path}: {r.size / 2**20:.1f} MiB, {r.results} results, schema "
+               f"v{r.schema_version}, integrity_check ok")
+    for p in r.removed:
+        click.echo(f"removed old backup {p}")
+
+
 # --- model -------------------------------------------------------------------------------
 
 @main.group()

@@ -317,9 +317,13 @@ class Agent:
 
     def run(self, stop: threading.Event) -> int:
         """Daemon: process the inbox, then watch it until `stop` is set. Returns the exit code."""
+        from .housekeeping import Housekeeping
+        from .metrics import make_metrics
         from .watch import InboxWatcher, apply
 
+        self.metrics = make_metrics(self.s.metrics_file)
         self.start()
+        self.housekeeping = Housekeeping(self, time.monotonic())
         watcher = InboxWatcher(self.inbox)
         watcher.events = self.wake  # one queue wakes the loop, for file events and finished work alike
         try:
