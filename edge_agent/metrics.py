@@ -2,8 +2,8 @@
 
 Why a textfile: the screening unit has no network service (PrivateNetwork=yes), so nothing may listen on a
 port; node_exporter, run beside it, reads `*.prom` files from a folder and serves them. The file is
-rewritten every metrics_seconds with prometheus_client's own `write_to_textfile`, which writes a temporary
-file and renames it over the old one, so node_exporter never reads half a file. prometheus_client is an
+rewritten every metrics_seconds in prometheus_client's text format (generate_latest) as a temporary file
+renamed over the old one, so node_exporter never reads half a file (0644: it runs as another user). prometheus_client is an
 optional extra (`pip install 'edge-derm-screen[metrics]'`): without it the agent screens as always and says
 once that metrics are off.
 
@@ -14,7 +14,9 @@ clean stop, so a stale file after a crash is told apart by `edge_agent_last_writ
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -116,14 +118,14 @@ class Metrics:
     # --- out ----------------------------------------------------------------------------------------
 
     def write(self) -> None:
-        """Atomic rewrite (temporary file + rename, by prometheus_client); a failure is logged once per streak."""
+        """Atomic rewrite in the library's text format; a failure is logged once per streak."""
         if self.path is None:
             return
-        from prometheus_client import write_to_textfile
+        from prometheus_client import generate_latest
 
         self.written.set(time.time())
         try:
-            write_to_textfile(str(self.path), self.registry)
+            write_atomic(self.path, generate_latest(self.registry))
             self._warned = False
         except OSError as e:
             if not self._warned:
@@ -141,6 +143,25 @@ class Metrics:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
         return out
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, 0644 (node_exporter runs as another user and must read it whatever
+    the agent's umask), fsynced, renamed over the old file: a reader sees the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def make_metrics(path: Path | None) -> Metrics | None:
