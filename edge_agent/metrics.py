@@ -50,6 +50,8 @@ class Metrics:
                                   registry=r)
         self.fallbacks = Counter("edge_agent_fallback_results", "Results produced by the fallback model (INT8 to "
                                  "FP32 fallback)", registry=r)
+        self.fallback_events = Counter("edge_agent_fallback_events", "Times the engine switched from the primary "
+                                       "(INT8) to the fallback model (failed to load or to run)", registry=r)
         self.latency = Histogram("edge_agent_inference_latency_seconds", "Seconds from taking an image from the "
                                  "inbox to its result (decode, queue and inference)", buckets=LATENCY_BUCKETS,
                                  registry=r)

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected
@@ -506,6 +505,8 @@ class Agent:
     # --- housekeeping --------------------------------------------------------------------
 
     def _event(self, kind: str, detail: str) -> None:
+        if kind == "fallback" and self.metrics is not None:
+            self.metrics.fallback_events.inc()
         self._emit(("event", kind, detail))
 
     def _post_state(self, stopped: bool = False) -> None:

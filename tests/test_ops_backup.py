@@ -15,7 +15,7 @@ import pytest
 from conftest import EXAMPLES, rows, run_agent, variant_jpegs
 from faults import AgentProc, site_args, wait_for
 
-from edge_agent.backup import BackupError, backup, check_backup
+from edge_agent.backup import backup, check_backup
 
 SD = Path(__file__).resolve().parents[1] / "systemd"
 ANALYZE = shutil.which("systemd-analyze")

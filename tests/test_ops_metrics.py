@@ -137,3 +137,22 @@ def test_alert_rules_in_the_docs_name_real_metrics() -> None:
     assert {f.name for f in parser.text_string_to_metric_families(sample)} >= {"edge_agent_images_screened",
                                                                                "edge_agent_up", "edge_agent_model_info"}
     textwrap.dedent(rules)
+
+
+def test_fallback_figures_when_the_int8_model_does_not_load(tmp_path: Path, dirs: dict[str, Path], procs: list) -> None:
+    """The figure behind the fallback-rate alert: every result from the FP32 fallback is counted, the switch too."""
+    from bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path / "fb", int8_bytes=b"not an onnx model")
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg")), dirs["inbox"], 3)
+    prom = tmp_path / "edge_agent.prom"
+    a = AgentProc("run", site_args(dirs, bundle, "--quiet-seconds", "0", "--metrics-file", str(prom),
+                                   "--metrics-seconds", "1"), tmp_path / "a.log", registry=procs)
+    wait_for(lambda: screened(prom) == 3, what="screened with the fallback", proc=a)
+    fams = families(prom)
+    assert value(fams, "edge_agent_fallback_results") == 3
+    assert value(fams, "edge_agent_fallback_events") == 1
+    info = fams["edge_agent_model_info"].samples[0].labels
+    assert info["variant"] == "fp32" and info["fallback_active"] == "1"
+    a.term()
+    assert a.wait(60) == 0

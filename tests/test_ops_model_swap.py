@@ -206,3 +206,23 @@ def test_activate_rejects_bad_bundles_and_keeps_the_pointer(tmp_path: Path, dirs
             "missing": "no bundle folder", "pointer-garbage": "not valid JSON"}[case]
     assert want in out, out
     assert ptr.read_bytes() == before
+
+
+def test_start_refuses_an_activated_bundle_changed_after_activation(tmp_path: Path, dirs: dict[str, Path],
+                                                                    bundles: dict[str, Path]) -> None:
+    """The pointer records the manifest it verified: a folder edited afterwards (even re-signed) is refused at
+    start with what to do, and nothing is screened with it."""
+    from bundle_factory import write_manifest
+
+    b2 = tmp_path / "B2"
+    shutil.copytree(bundles["B"], b2)
+    dirs["db"].parent.mkdir(parents=True)
+    assert cli("model", "activate", str(b2), "--db", str(dirs["db"]))[0] == 0
+    m = json.loads((b2 / "manifest.json").read_text())
+    m["thresholds"]["melanoma"]["probability"] = 0.9
+    write_manifest(b2, m)  # valid and signed, but not what was activated
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg")), dirs["inbox"], 1)
+    code, out = cli("scan", *site_args(dirs, bundles["A"], "--quiet-seconds", "0"))
+    assert code == 2, out
+    assert "changed after it was activated" in out and "model rollback" in out
+    assert len(list(dirs["inbox"].iterdir())) == 1
