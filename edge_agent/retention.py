@@ -70,11 +70,21 @@ def _free_mb(path: Path) -> float:
         return float("inf")
 
 
+# Constant SQL per table (no identifier is built from data): rows whose stored copy may go, oldest first.
+_CANDIDATES = {
+    "results": "SELECT id, sha256, stored_path, processed_at AS at FROM results WHERE file_state = 'moved' "
+               "AND stored_path IS NOT NULL AND processed_at < ? ORDER BY processed_at, id",
+    "duplicates": "SELECT id, sha256, stored_path, recorded_at AS at FROM duplicates WHERE file_state = 'moved' "
+                  "AND stored_path IS NOT NULL AND recorded_at < ? ORDER BY recorded_at, id",
+    "quarantine": "SELECT id, sha256, stored_path, quarantined_at AS at FROM quarantine WHERE file_state = 'moved' "
+                  "AND stored_path IS NOT NULL AND quarantined_at < ? ORDER BY quarantined_at, id",
+}
+EVERYTHING = "9999"  # sorts after every ISO-8601 time: the watermark considers every stored row
+
+
 def _candidates(conn: sqlite3.Connection, table: str, col: str, before: str | None) -> Iterator[sqlite3.Row]:
     """Rows whose stored copy may go, oldest first (before=None: every stored row, for the watermark)."""
-    sql = (f"SELECT id, sha256, stored_path, {col} AS at FROM {table} WHERE file_state = 'moved' "
-           "AND stored_path IS NOT NULL" + (f" AND {col} < ?" if before else "") + f" ORDER BY {col}, id")
-    yield from conn.execute(sql, (before,) if before else ())
+    yield from conn.execute(_CANDIDATES[table], (before or EVERYTHING,))
 
 
 def _same_content(fd: int, name: str, sha256: str) -> bool:
