@@ -170,8 +170,8 @@ def test_activate_when_not_running_applies_at_start_and_rollback_returns(tmp_pat
     assert code == 0, out
     variant_jpegs(sorted(EXAMPLES.glob("*.jpg"))[6:], dirs["inbox"], 3, prefix="three")
     assert cli("scan", *args)[0] == 0
-    got = {r[0][:3]: r[1] for r in rows(dirs["db"], "SELECT original_name, model_id FROM results")}
-    assert got == {"one": model_id(bundles["A"]), "two": model_id(bundles["B"]), "thr": model_id(bundles["A"])}
+    got = {(r[0][:3], r[1]) for r in rows(dirs["db"], "SELECT original_name, model_id FROM results")}
+    assert got == {("one", model_id(bundles["A"])), ("two", model_id(bundles["B"])), ("thr", model_id(bundles["A"]))}
     # rollback toggles (like `cd -`): the one rolled back from is the previous one now
     code, out = cli("model", "rollback", "--db", str(dirs["db"]), "--no-reload")
     assert code == 0 and model_id(bundles["B"]) in out, out
@@ -226,3 +226,27 @@ def test_start_refuses_an_activated_bundle_changed_after_activation(tmp_path: Pa
     assert code == 2, out
     assert "changed after it was activated" in out and "model rollback" in out
     assert len(list(dirs["inbox"].iterdir())) == 1
+
+
+def test_bundle_with_other_preprocessing_restarts_the_daemon_with_it(tmp_path: Path, dirs: dict[str, Path],
+                                                                     bundles: dict[str, Path], procs: list) -> None:
+    """Images in flight were prepared for the running model's input size: a bundle with other preprocessing
+    cannot be switched between batches. It is verified, then the daemon finishes what it holds and exits 4
+    (the unit restarts it), and the next start runs it."""
+    big = make_bundle(tmp_path / "big", seed=5, size=48)
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg")), dirs["inbox"], 3, prefix="before")
+    args = site_args(dirs, bundles["A"], "--quiet-seconds", "0")
+    a = AgentProc("run", args, tmp_path / "a.log", registry=procs)
+    wait_for(lambda: outcome_count(dirs["db"]) == 3, what="first files", proc=a)
+    code, out = cli("model", "activate", str(big), "--db", str(dirs["db"]))
+    assert code == 0, out
+    assert "preprocessing differs" in out and "restarts" in out
+    assert a.wait(60) == 4, a.log()[-2000:]
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg"))[3:], dirs["inbox"], 3, prefix="after")
+    b = AgentProc("run", args, tmp_path / "b.log", registry=procs)
+    wait_for(lambda: outcome_count(dirs["db"]) == 6, what="files after the restart", proc=b)
+    b.term()
+    assert b.wait(60) == 0
+    got = {(r[0][:5], r[1]) for r in rows(dirs["db"], "SELECT original_name, model_id FROM results")}
+    assert got == {("befor", model_id(bundles["A"])), ("after", model_id(big))}
+    assert rows(dirs["db"], "SELECT count(*) FROM events WHERE kind = 'reload_restart'")[0][0] == 1
