@@ -250,3 +250,25 @@ def test_bundle_with_other_preprocessing_restarts_the_daemon_with_it(tmp_path: P
     got = {(r[0][:5], r[1]) for r in rows(dirs["db"], "SELECT original_name, model_id FROM results")}
     assert got == {("befor", model_id(bundles["A"])), ("after", model_id(big))}
     assert rows(dirs["db"], "SELECT count(*) FROM events WHERE kind = 'reload_restart'")[0][0] == 1
+
+
+def test_reload_after_changing_the_model_setting_switches_in_place(tmp_path: Path, dirs: dict[str, Path],
+                                                                   bundles: dict[str, Path], procs: list) -> None:
+    """`systemctl reload` after editing `model` in config.toml: verified, switched between batches, no restart."""
+    cfg = tmp_path / "config.toml"
+    body = f'inbox = "{dirs["inbox"]}"\ndb = "{dirs["db"]}"\nworkers = 2\nthreads = 1\nquiet_seconds = 0\n'
+    cfg.write_text(body + f'model = "{bundles["A"]}"\n')
+    a = AgentProc("run", ["--config", str(cfg)], tmp_path / "a.log", registry=procs)
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg")), dirs["inbox"], 2, prefix="first")
+    wait_for(lambda: outcome_count(dirs["db"]) == 2, what="first files", proc=a)
+    cfg.write_text(body + f'model = "{bundles["B"]}"\n')
+    os.kill(a.pid, signal.SIGHUP)
+    wait_for(lambda: rows(dirs["db"], "SELECT count(*) FROM events WHERE kind = 'model_swap'")[0][0] == 1,
+             what="switched", proc=a)
+    variant_jpegs(sorted(EXAMPLES.glob("*.jpg"))[2:], dirs["inbox"], 2, prefix="second")
+    wait_for(lambda: outcome_count(dirs["db"]) == 4, what="second files", proc=a)
+    assert a.alive()
+    a.term()
+    assert a.wait(60) == 0
+    got = {(r[0][:5], r[1]) for r in rows(dirs["db"], "SELECT original_name, model_id FROM results")}
+    assert got == {("first", model_id(bundles["A"])), ("secon", model_id(bundles["B"]))}
