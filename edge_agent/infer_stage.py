@@ -153,8 +153,9 @@ class InferStage:
         m = self.model  # read once: the whole batch is screened by this model
         b, policy, engine = m.bundle, m.policy, m.engine
         x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
-        logits, variant = engine.infer(x)
+        logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
         probs = softmax(logits, b.temperature)
+        ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
         ref: dict[int, np.ndarray] = {}
         if engine.can_spot_check:
             idx = [i for i, j in enumerate(batch) if j.sha256 and self.spot_selected(j.sha256)]
@@ -175,8 +176,10 @@ class InferStage:
                 mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
                 spot_label = theirs.label
                 disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
+            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
+                       out_of_distribution=ood is not None and b.ood is not None and bool(b.ood.flags(ood[i], variant)))
             row = result_row(t, d, sha256=j.sha256 or "", processed_at=processed_at, model_id=b.model_id,
+                             ood_score=None if ood is None else round(float(ood[i]), 4),
                              variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
                              manifest_sha256=b.manifest_sha256, policy=m.policy_json,
                              spot_checked=i in ref, spot_label=spot_label,

@@ -24,7 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ENABLE = "pip install 'edge-derm-screen[metrics]' (prometheus_client) into the agent's environment"
-FLAG_REASONS = ("high_risk", "low_confidence", "poor_quality", "model_disagreement")
+FLAG_REASONS = ("high_risk", "low_confidence", "poor_quality", "model_disagreement", "out_of_distribution")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 

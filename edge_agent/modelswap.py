@@ -155,7 +155,10 @@ def prepare(path: Path, s: Settings, current: Bundle | None = None, expect_sha: 
             if other != variant and other in (bundle.primary, bundle.fallback):
                 engine._open(other)
         x = np.zeros((1, 3, bundle.input_size, bundle.input_size), np.float32)
-        logits, variant = engine.infer(x)
+        logits, pooled, variant = engine.infer_features(x, pooled=bundle.ood is not None)
+        if bundle.ood is not None:  # format 3: the out-of-distribution score must be computable too
+            if pooled is None or not np.all(np.isfinite(bundle.ood.score(pooled, variant))):
+                raise ValueError("the out-of-distribution statistics give no finite score for the test image")
     except Exception as e:
         raise SwapRejected(f"the bundle {where} does not load or run here: {_short(e)}; rebuild or re-copy it "
                            "(`edge-agent model verify` shows the details)") from None

@@ -745,7 +745,7 @@ def _database_fault(e: BaseException) -> bool:
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
                label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
-               manifest_sha256: str, policy: str) -> dict[str, Any]:
+               manifest_sha256: str, policy: str, ood_score: float | None = None) -> dict[str, Any]:
     """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
     manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
     return {
@@ -760,5 +760,5 @@ def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str,
         "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
         "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
         "decode_reduction": d.reduction, "spot_checked": int(spot_checked), "spot_label": spot_label,
-        "latency_ms": latency_ms,
+        "latency_ms": latency_ms, "ood_score": ood_score,
     }
