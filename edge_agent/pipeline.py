@@ -9,6 +9,9 @@ which files are ready (intake.py) and keeps systemd informed. At most
 tensors waiting for the model), which bounds memory however many arrive; up
 to as many more may wait for their batched commit as rows; the rest wait in
 the inbox as mere paths.
+
+Stage modules: inference and triage, and the one place the model is switched, are infer_stage.py
+(model swaps: modelswap.py); periodic chores (retention, the metrics file) are housekeeping.py.
 """
 from __future__ import annotations
 
