@@ -608,6 +608,8 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
             click.echo(f"threshold:     low_confidence: top-1 probability < {spec.get('top1_probability')}")
     click.echo(f"gate:          {'APPROVED' if gate.get('approved') else 'REJECTED' if gate else '-'}"
                f"{': ' + str(gate.get('reason')) if gate.get('reason') else ''}")
+    click.echo(f"ood check:     {_ood_line(m)}")
+    click.echo(f"heatmaps:      {'yes (feature output ' + repr(m['features'].get('output')) + ')' if isinstance(m.get('features'), dict) else 'no: the bundle (format ' + str(m.get('format_version')) + ') has no feature output'}")
     if m.get("license"):
         click.echo(f"license:       {m['license']!s}")
     click.echo(f"manifest:      sha256 {rep.manifest_sha256 or '-'}")
@@ -618,6 +620,18 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     sys.exit(0 if rep.ok else 1)
+
+
+def _ood_line(m: dict) -> str:
+    ood = m.get("ood")
+    if not isinstance(ood, dict):
+        return (f"off: the bundle (format {m.get('format_version')}) has no out-of-distribution statistics, so images "
+                "unlike the training data are not flagged as such (build-model upgrade-bundle adds them)")
+    th = ood.get("thresholds") or {}
+    flagged = {v: x.get("val_flagged") for v, x in ((ood.get("fit") or {}).get("variants") or {}).items()}
+    return (f"{ood.get('method')}, flag above " + ", ".join(f"{v} {t}" for v, t in sorted(th.items()))
+            + (f" (flags {flagged.get(m.get('primary'), 0):.1%} of the build's validation images)"
+               if isinstance(flagged.get(m.get("primary")), (int, float)) else ""))
 
 
 @model.command()

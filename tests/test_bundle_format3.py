@@ -234,3 +234,14 @@ def test_factory_models_without_the_feature_output_have_the_same_logits() -> Non
 
 def test_make_bundle_default_is_still_format_1(tmp_path: Path) -> None:
     assert json.loads((make_bundle(tmp_path / "b") / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_model_info_says_whether_the_bundle_checks_ood_and_can_draw_heatmaps(bundle_dir: Path, v3: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_agent.cli import main
+
+    old = CliRunner().invoke(main, ["model", "info", str(bundle_dir)])
+    assert "ood check:     off: the bundle (format 1)" in old.output and "heatmaps:      no" in old.output
+    new = CliRunner().invoke(main, ["model", "info", str(v3)])
+    assert "ood check:     mahalanobis-tied, flag above" in new.output and "heatmaps:      yes" in new.output
