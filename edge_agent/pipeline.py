@@ -655,39 +655,14 @@ class Agent:
         self._reference_loader.start()
 
     def _spot_selected(self, sha256: str) -> bool:
-        """Deterministic by content, so a re-run checks the same images."""
-        f = self.s.spot_check_fraction
-        return f > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < f
+        return spot_selected(sha256, self.s.spot_check_fraction)
 
     def _infer_batch(self, batch: list[Job]) -> None:
-        x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
-        logits, variant = self.engine.infer(x)
-        b, policy = self.bundle, self.policy
-        probs = softmax(logits, b.temperature)
-        ref: dict[int, np.ndarray] = {}
-        if self.engine.can_spot_check:
-            idx = [i for i, j in enumerate(batch) if j.sha256 and self._spot_selected(j.sha256)]
-            if idx:
-                r = self.engine.reference(x[idx])
-                if r is not None:
-                    ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
-        processed_at = now_iso()
+        rows = screen_batch(self.engine, self.bundle, self.policy, self.policy_json,
+                            [(j.sha256, j.decoded) for j in batch], self.s.spot_check_fraction)
         done = time.monotonic()
-        fallback = variant != b.primary
-        for i, j in enumerate(batch):
-            d = j.decoded
-            assert d is not None
-            spot_label, disagree = None, False
-            if i in ref:
-                mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
-                spot_label = theirs.label
-                disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
-            row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
-                             variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
-                             manifest_sha256=b.manifest_sha256, policy=self.policy_json,
-                             spot_checked=i in ref, spot_label=spot_label,
-                             latency_ms=round((done - j.cand.dispatched) * 1000, 1))
+        for j, row in zip(batch, rows, strict=True):
+            row["latency_ms"] = round((done - j.cand.dispatched) * 1000, 1)
             j.decoded = None
             self._emit(Outcome("result", j, row=row))
 
@@ -736,6 +711,45 @@ def _database_fault(e: BaseException) -> bool:
     """The database failed (cannot be opened, locked, damaged, deleted), as opposed to a bug in a query."""
     return isinstance(e, StoreError) or (isinstance(e, sqlite3.DatabaseError) and not isinstance(
         e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)))
+
+
+def spot_selected(sha256: str, fraction: float) -> bool:
+    """Whether this image gets the FP32 spot-check: deterministic by content, so a re-run (or the backfill,
+    edge_agent/backfill) checks the same images."""
+    return fraction > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: str,
+                 items: list[tuple[str | None, Any]], spot_check_fraction: float) -> list[dict[str, Any]]:
+    """Inference, spot-checks and triage of decoded images: one `results` row per (sha256, Decoded), in order
+    (latency_ms 0.0: the caller knows when the image entered). The daemon's inference stage and the backfill's
+    Ray actors (edge_agent/backfill) both call this, so the two can never screen differently."""
+    x = np.stack([d.tensor for _, d in items]).astype(np.float32, copy=False)
+    logits, variant = engine.infer(x)
+    b = bundle
+    probs = softmax(logits, b.temperature)
+    ref: dict[int, np.ndarray] = {}
+    if engine.can_spot_check:
+        idx = [i for i, (sha, _) in enumerate(items) if sha and spot_selected(sha, spot_check_fraction)]
+        if idx:
+            r = engine.reference(x[idx])
+            if r is not None:
+                ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
+    processed_at = now_iso()
+    fallback = variant != b.primary
+    rows = []
+    for i, (sha, d) in enumerate(items):
+        spot_label, disagree = None, False
+        if i in ref:
+            mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
+            spot_label = theirs.label
+            disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
+        t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
+        rows.append(result_row(t, d, sha256=sha, processed_at=processed_at, model_id=b.model_id, variant=variant,
+                               fallback=fallback, label_name=b.label_names.get(t.label, t.label),
+                               manifest_sha256=b.manifest_sha256, policy=policy_json, spot_checked=i in ref,
+                               spot_label=spot_label, latency_ms=0.0))
+    return rows
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
