@@ -266,8 +266,8 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
     ctx.enable_progress_bars = False  # our own line below: done/total, images/s, ETA across runs
     progress = _progress_actor()
     ds = ray.data.read_datasource(_datasource(listing, out.location, done, opts.batch_rows), num_cpus=READ_CPUS)
-    ds = ds.map_batches(Screener, batch_size=opts.batch_rows, batch_format="pyarrow", concurrency=opts.actors,
-                        num_cpus=opts.actor_cpus,
+    ds = ds.map_batches(Screener, batch_size=opts.batch_rows, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=opts.actors), num_cpus=opts.actor_cpus,
                         fn_constructor_kwargs={"settings": settings, "expect_manifest": state["manifest_sha256"],
                                                "root": listing.root if listing.kind == "tree" else None,
                                                "progress": progress})
