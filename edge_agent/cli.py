@@ -684,7 +684,8 @@ def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: 
     rate = (sm.screened + sm.quarantined) / sm.seconds if sm.seconds else 0.0
     click.echo(f"backfill: {len(w.keys)} of {sm.entries} inputs written to {output} ({w.results} results, "
                f"{w.quarantined} quarantined); this run: {sm.screened} screened, {sm.quarantined} quarantined in "
-               f"{sm.seconds:.1f} s ({rate:.1f} images/s)")
+               f"{sm.seconds:.1f} s ({rate:.1f} images/s"
+               + (f"; {sm.steady_rate:.1f} images/s after start-up)" if sm.steady_rate else ")"))
     if w.repeated:
         click.echo(f"  {w.repeated} row(s) were written twice (a retried write); the merge keeps one")
     click.echo(f"  merge into a results database: edge-agent backfill-merge {output} --db DB")

@@ -56,6 +56,7 @@ class Summary:
     screened: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    steady_rate: float | None = None
     written: Written | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -139,13 +140,25 @@ def _progress_actor() -> Any:
         def __init__(self) -> None:
             self.results = 0
             self.quarantined = 0
+            self.first: tuple[float, int] | None = None  # (when, how many) at the first finished batch
+            self.last = 0.0
 
         def add(self, results: int, quarantined: int) -> None:
             self.results += results
             self.quarantined += quarantined
+            self.last = time.time()
+            if self.first is None:
+                self.first = (self.last, results + quarantined)
 
         def get(self) -> tuple[int, int]:
             return self.results, self.quarantined
+
+        def steady(self) -> float | None:
+            """images/s from the first finished batch to the last: the rate without Ray's and the actors'
+            start-up, which is what a long backfill runs at."""
+            if self.first is None or self.last <= self.first[0]:
+                return None
+            return (self.results + self.quarantined - self.first[1]) / (self.last - self.first[0])
 
     return Progress.remote()
 
@@ -234,6 +247,9 @@ def run_backfill(source: str, output: str, settings: Settings, manifest: bool = 
     if summary.already >= listing.entries:
         summary.written = before
         return summary
+    # Ray reports usage statistics to its vendor unless told not to: a hospital's backfill sends nothing
+    # outside (an operator who wants it sets RAY_USAGE_STATS_ENABLED=1 explicitly).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     started_here = False
@@ -299,5 +315,6 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
     if failure:
         raise failure[0]
     summary.screened, summary.quarantined = ray.get(progress.get.remote())
+    summary.steady_rate = ray.get(progress.steady.remote())
     summary.seconds = time.monotonic() - t0
     return summary
