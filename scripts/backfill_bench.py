@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 HAM = Path("/work/shared/data/ham10000/images")
 TICK = 0.2
 
@@ -179,6 +180,42 @@ def summarize(kind: str, m: dict[str, Any], n: int) -> dict[str, Any]:
             "processes": len(procs)}
 
 
+def merge_rate(out: Path, rows: int, workdir: Path) -> dict[str, Any]:
+    """Merge `rows` synthetic results (the backfill's real rows, with distinct sha256 and paths) into a fresh
+    database; returns rows/s. The merge is one SQLite writer: the serial step after a cluster's run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edge_agent.backfill.merge import merge
+
+    src = next((out / "outcome=result").glob("*.parquet"))
+    t = pq.read_table(src)
+    dest = workdir / "merge-out"
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "outcome=result").mkdir(parents=True)
+    shutil.copytree(out / "_backfill", dest / "_backfill")
+    made, part = 0, 0
+    while made < rows:
+        n = min(t.num_rows, rows - made)
+        chunk = t.slice(0, n)
+        keys = [f"{made + i:064x}" for i in range(n)]
+        chunk = chunk.set_column(chunk.schema.get_field_index("sha256"), "sha256", pa.array(keys))
+        chunk = chunk.set_column(chunk.schema.get_field_index("original_path"), "original_path",
+                                 pa.array([f"/archive/{k}.jpg" for k in keys]))
+        pq.write_table(chunk, dest / "outcome=result" / f"part-{part:05d}.parquet")
+        made, part = made + n, part + 1
+    db = workdir / "merge.db"
+    for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        f.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    m = merge(str(dest), db)
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = merge(str(dest), db)  # everything already there: the cost of a repeated merge
+    return {"rows": rows, "merge_rows_per_s": round(m.results / first, 1),
+            "remerge_rows_per_s": round(again.already / (time.monotonic() - t0), 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=2000)
@@ -188,6 +225,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "edge-agent-backfill-bench")
     ap.add_argument("--model", type=Path, help="bundle (default: the shipped one)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--merge-rows", type=int, default=20000, help="rows for the merge-rate measurement (0: skip)")
     a = ap.parse_args()
     src_dir = a.images or (HAM if HAM.is_dir() else REPO / "examples" / "images")
     sources = sorted(src_dir.glob("*.jpg"))[: max(a.count, 1)]
@@ -230,8 +268,15 @@ def main() -> int:
         print(f"| {r['size']} | {r['command']} | {r['workers']} | {a.count} | {r['rc']} | {r['wall_s']} | "
               f"{r['wall_rate']} | {r['steady_rate']} | {r['screening_cpu_s_per_image']} | {r['cpu_s_per_image']} | "
               f"{', '.join(str(x) for x in r['peak_rss_per_worker_mb'])} | {r['ray_services_rss_mb']} |")
+    merged = None
+    last_out = a.workdir / f"out-{a.sizes.split(',')[-1]}-{a.actors.split(',')[-1]}"
+    if a.merge_rows and (last_out / "outcome=result").is_dir():
+        merged = merge_rate(last_out, a.merge_rows, a.workdir)
+        print(f"\nbackfill-merge: {merged['rows']} rows into a new database at {merged['merge_rows_per_s']} rows/s; "
+              f"merging them again (all already there) at {merged['remerge_rows_per_s']} rows/s")
     if a.json:
-        a.json.write_text(json.dumps({"count": a.count, "cpus": os.cpu_count(), "rows": table}, indent=2))
+        a.json.write_text(json.dumps({"count": a.count, "cpus": os.cpu_count(), "rows": table, "merge": merged},
+                                     indent=2))
     return 0 if all(r["rc"] == 0 for r in table) else 1
 
 

@@ -143,12 +143,13 @@ def _progress_actor() -> Any:
             self.first: tuple[float, int] | None = None  # (when, how many) at the first finished batch
             self.last = 0.0
 
-        def add(self, results: int, quarantined: int) -> None:
+        def add(self, results: int, quarantined: int, at: float) -> None:
+            """`at`: when the actor finished the batch (these calls may arrive late and in bursts)."""
             self.results += results
             self.quarantined += quarantined
-            self.last = time.time()
-            if self.first is None:
-                self.first = (self.last, results + quarantined)
+            self.last = max(self.last, at)
+            if self.first is None or at < self.first[0]:
+                self.first = (at, results + quarantined)
 
         def get(self) -> tuple[int, int]:
             return self.results, self.quarantined

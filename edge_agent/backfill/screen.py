@@ -94,7 +94,7 @@ class Screener:
         self.images += len(rows)
         if self.progress is not None:
             results = sum(r["outcome"] == "result" for r in rows)
-            self.progress.add.remote(results, len(rows) - results)
+            self.progress.add.remote(results, len(rows) - results, time.time())
         return rows_to_table(rows, self.labels)
 
     def _screen(self, pending: list[tuple[dict[str, Any], Any, float]]) -> list[dict[str, Any]]:
