@@ -665,7 +665,7 @@ def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: 
     flags["threads"] = flags.get("threads") or max(1, int(actor_cpus))
     s = _load(flags, config_file)
     logsetup.setup(s.log_level)
-    from .backfill.output import BackfillError
+    from .backfill.output import BackfillError, BackfillFailed
     from .backfill.run import Options, run_backfill
     from .infer import InferenceError
 
@@ -675,7 +675,7 @@ def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: 
         sm = run_backfill(source, output, s, manifest=manifest, opts=opts, echo=lambda t: click.echo(t, err=True))
     except (ConfigError, BundleError, BackfillError) as e:
         _fail(str(e))
-    except (InferenceError, OSError) as e:
+    except (InferenceError, BackfillFailed, OSError) as e:
         _fail(str(e), EXIT_RUNTIME)
     w = sm.written
     assert w is not None

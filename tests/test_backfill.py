@@ -19,8 +19,12 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("ray.data")
-pq = pytest.importorskip("pyarrow.parquet")
+if os.environ.get("CI"):  # CI installs the test extra (ray[data], pyarrow): a missing Ray must fail there
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401
+else:
+    pytest.importorskip("ray.data")
+    pq = pytest.importorskip("pyarrow.parquet")
 
 from bundle_factory import TEST_PUBLIC_KEY, make_bundle  # noqa: E402
 from conftest import EXAMPLES, rows, scan_now, wait_for  # noqa: E402
@@ -297,3 +301,20 @@ def test_rows_to_table_carries_new_result_columns(tmp_path: Path) -> None:
                        {"input_key": 2, "outcome": "quarantine", "reason_code": "not_image"}], ("mel", "nv"))
     assert t.column("ood_score").to_pylist() == [0.25, None]
     assert "p_mel" in t.column_names and t.num_rows == 2
+
+
+def test_the_device_install_imports_the_agent_and_the_backfill_modules_without_ray_or_pyarrow() -> None:
+    """Ray and pyarrow are imported only when a backfill runs: the device (no [scale] extra) never needs them."""
+    code = """
+import importlib, pkgutil, sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "pyarrow", "pandas"):
+            raise ImportError(f"imported {name}")
+sys.meta_path.insert(0, Blocker())
+import edge_agent, edge_agent.cli, edge_agent.pipeline
+import edge_agent.backfill.run, edge_agent.backfill.screen, edge_agent.backfill.merge, edge_agent.backfill.inputs
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=agent_env())
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -104,6 +104,10 @@ class BackfillError(RuntimeError):
     """The backfill cannot start or continue; the message says why and what to do."""
 
 
+class BackfillFailed(RuntimeError):
+    """The job failed while running (Ray, the nodes, a disk): what was written is kept; run it again."""
+
+
 @dataclass
 class Written:
     """What the output folder holds: input keys written (sorted, unique), rows written twice, files dropped."""

@@ -26,7 +26,7 @@ import numpy as np
 from ..config import Settings
 from ..store import now_iso
 from .inputs import Listing, byte_ranges, entry_location, is_uri, lines_in_range, manifest_summary, write_tree_listing
-from .output import BackfillError, OutputDir, STATE_VERSION, Written
+from .output import BackfillError, BackfillFailed, OutputDir, STATE_VERSION, Written
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,12 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
             echo(line)
             last = line
     if failure:
-        raise failure[0]
+        e = failure[0]
+        if isinstance(e, (BackfillError, KeyboardInterrupt)):
+            raise e
+        text = " ".join(str(e).split())[:600]
+        raise BackfillFailed(f"the Ray job failed ({type(e).__name__}: {text}); what was written is kept: run the "
+                             "same command again to resume (Ray's logs: /tmp/ray/session_latest/logs)") from e
     summary.screened, summary.quarantined = ray.get(progress.get.remote())
     summary.steady_rate = ray.get(progress.steady.remote())
     summary.seconds = time.monotonic() - t0
