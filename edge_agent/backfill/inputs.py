@@ -175,9 +175,10 @@ def entry_location(listing: Listing, raw: bytes) -> str | None:
     """The path or URI a listing line names, or None for a line that is not an entry."""
     if listing.kind == "tree":
         return os.path.join(listing.root, json.loads(raw))
-    text = raw.decode("utf-8", "surrogateescape").strip()
-    if not text or text.startswith("#"):
+    b = raw.strip()  # the same rule as manifest_summary, byte for byte (\r of a Windows manifest included)
+    if not b or b.startswith(b"#"):
         return None
+    text = b.decode("utf-8", "surrogateescape")
     if is_uri(text) or os.path.isabs(text):
         return text
     return os.path.join(listing.root, text)
