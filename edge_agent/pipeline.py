@@ -725,9 +725,10 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
     (latency_ms 0.0: the caller knows when the image entered). The daemon's inference stage and the backfill's
     Ray actors (edge_agent/backfill) both call this, so the two can never screen differently."""
     x = np.stack([d.tensor for _, d in items]).astype(np.float32, copy=False)
-    logits, variant = engine.infer(x)
     b = bundle
+    logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
     probs = softmax(logits, b.temperature)
+    ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
     ref: dict[int, np.ndarray] = {}
     if engine.can_spot_check:
         idx = [i for i, (sha, _) in enumerate(items) if sha and spot_selected(sha, spot_check_fraction)]
@@ -744,8 +745,10 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
             mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
             spot_label = theirs.label
             disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-        t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
+        t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
+                   out_of_distribution=ood is not None and bool(b.ood.flags(ood[i], variant)))
         rows.append(result_row(t, d, sha256=sha, processed_at=processed_at, model_id=b.model_id, variant=variant,
+                               ood_score=None if ood is None else round(float(ood[i]), 4),
                                fallback=fallback, label_name=b.label_names.get(t.label, t.label),
                                manifest_sha256=b.manifest_sha256, policy=policy_json, spot_checked=i in ref,
                                spot_label=spot_label, latency_ms=0.0))
@@ -754,7 +757,7 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
                label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
-               manifest_sha256: str, policy: str) -> dict[str, Any]:
+               manifest_sha256: str, policy: str, ood_score: float | None = None) -> dict[str, Any]:
     """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
     manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
     return {
@@ -769,5 +772,5 @@ def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str,
         "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
         "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
         "decode_reduction": d.reduction, "spot_checked": int(spot_checked), "spot_label": spot_label,
-        "latency_ms": latency_ms,
+        "latency_ms": latency_ms, "ood_score": ood_score,
     }

@@ -193,6 +193,8 @@ def test_backfill_rows_equal_scan_rows_for_the_same_images(run: dict[str, Any], 
             assert abs(pb[lab] - ps[lab]) <= 1e-6 and abs(b[f"p_{lab}"] - s[f"p_{lab}"]) <= 1e-6
         for col in ("confidence", "p_high_risk"):
             assert abs(b[col] - s[col]) <= 1e-6
+        assert (b["ood_score"] is None) == (s["ood_score"] is None)  # bundle format 3: the same OOD score
+        assert b["ood_score"] is None or abs(b["ood_score"] - s["ood_score"]) <= 1e-4
         assert b["file_state"] == "kept" and b["stored_path"] is None
         flagged += bool(b["needs_review"])
     assert all(r["spot_checked"] == 1 for r in scan_results.values())
