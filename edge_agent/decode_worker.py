@@ -425,6 +425,7 @@ def main(config_json: str) -> None:
     import cv2
 
     from .decode import decode_image
+    from .decoder_messages import StderrCapture
 
     cv2.setNumThreads(1)  # parallelism comes from the worker processes; one thread keeps the ceiling predictable
     pre = Preprocessing.from_dict(cfg["pre"])
@@ -433,6 +434,7 @@ def main(config_json: str) -> None:
     warm = np.full((64, 64, 3), 128, np.uint8)  # load the codecs now, so their start-up is not in the budget
     for ext in (".jpg", ".png"):
         decode_image(cv2.imencode(ext, warm)[1].tobytes(), pre, max_pixels, limits)
+    capture = StderrCapture()  # the decoder's warnings about damaged data, per decode (decoder_messages.py)
     limited, why, ceiling = _limit_memory(int(cfg["budget"]))
     journal_fd = -1
     if cfg.get("journal"):
@@ -465,7 +467,7 @@ def main(config_json: str) -> None:
         reply: dict[str, Any]
         tensor = None
         try:
-            d = decode_image(data, pre, max_pixels, limits)
+            d = decode_image(data, pre, max_pixels, limits, capture)
             tensor = np.ascontiguousarray(d.tensor, np.float32)
             reply = {"ok": True, "header": [d.header.format, d.header.width, d.header.height],
                      "reduction": d.reduction, "shape": list(tensor.shape),
