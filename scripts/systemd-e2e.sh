@@ -397,6 +397,9 @@ echo "journal: ${wd:-no watchdog line}; NRestarts $r0 -> $(show NRestarts); Main
     && pass "watchdog enforced: a stopped agent missed its pings, systemd logged '$wd' and restarted it" \
     || fail "watchdog did not restart a stopped agent"
 
+CG=$(ct cat /proc/1/cgroup >/dev/null 2>&1; ct sh -c 'cat /sys/fs/cgroup/system.slice/edge-agent.service/memory.max 2>/dev/null || echo "no memory.max (the memory controller is not available to this cgroup2 mount: $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null | tr -d "\n" || echo none))"')
+echo "cgroup of the unit: memory.max = $CG"
+
 # --- stop -----------------------------------------------------------------------------------------------------
 step "stop"
 ct systemctl stop edge-agent
@@ -410,8 +413,12 @@ echo
 echo "What this set-up does not exercise, and why:"
 echo "  - systemd-nspawn --boot: needs a host system bus (dbus) and a host systemd; this machine has neither, so"
 echo "    systemd runs as PID 1 of an unshare'd PID namespace instead: the same systemd, units and sandboxing code."
-echo "  - The host's cgroup set-up is what systemd sees here (a cgroup2 mount inside the container, on a host with"
-echo "    $(stat -fc %T /sys/fs/cgroup) at /sys/fs/cgroup): MemoryMax=/TasksMax= were set by systemd but a real"
-echo "    OOM kill of the unit was not provoked (tests/test_harden_decode.py covers the memory ceiling with RLIMIT_AS)."
+echo "  - Resource control: systemd sees a cgroup2 mount made inside the container, on a host whose /sys/fs/cgroup"
+echo "    is $(stat -fc %T /sys/fs/cgroup) (cgroup v1 controllers); the unit's memory.max: $CG."
+echo "    So MemoryHigh=/MemoryMax=/TasksMax= are not enforced by this set-up and an OOM kill of the unit was not"
+echo "    provoked (tests/test_harden_decode.py covers the decode workers' memory ceiling with RLIMIT_AS)."
+echo "  - The issue's recipe (a plain chroot) cannot start the unit: PrivateUsers=yes fails (the kernel refuses a"
+echo "    user namespace to a chrooted process) and the mount sandbox fails with EINVAL on a root that is not a"
+echo "    mount point; with the root bind-mounted and pivot_root'ed every sandbox setting of the unit applies."
 echo "  - Real hardware: this is an x86-64 VM, not a Raspberry Pi (scripts/aarch64-e2e.sh covers arm64 under qemu)."
 [ "$FAILS" = 0 ] && { echo "ALL PASSED"; exit 0; } || { echo "$FAILS FAILED"; exit 1; }
