@@ -26,6 +26,9 @@ next start knows which file was on the table. No fsync: the entry has to
 survive the death of processes, which the page cache does; a power cut is not
 caused by a file.
 
+Each worker also reads what the decoder prints to stderr during each decode (decoder_messages.py): libjpeg
+and libpng report damaged image data only there, and still return a picture.
+
 The protocol is length-prefixed messages on the worker's stdin/stdout
 (multiprocessing.connection framing): JSON metadata plus raw bytes, never
 pickle, so a compromised decoder cannot make the agent run code. Cost per image
