@@ -154,7 +154,9 @@ def run(s: Soak) -> int:
     log = open(work / "agent.log", "wb")
     cmd = [*agent_exe(), "run", "--inbox", str(inbox), "--db", str(db), "--after", "move",
            "--quiet-seconds", "0.5", "--workers", str(a.workers), "--threads", str(a.threads),
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING",
+           # retention inside the daemon as well: screened images older than ~2 minutes are pruned every 30 s
+           *(["--keep-processed-days", str(a.keep_minutes / 1440), "--prune-seconds", "30"] if prune else [])]
     s.say("daemon: " + " ".join(cmd))
     agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     rng = random.Random(a.seed)
@@ -172,7 +174,8 @@ def run(s: Soak) -> int:
         return smp
 
     def side_jobs() -> None:
-        for name, argv in (("prune", [*agent_exe(), "prune", "--db", str(db)] if prune else None),
+        for name, argv in (("prune", [*agent_exe(), "prune", "--db", str(db), "--inbox", str(inbox),
+                                      "--keep-processed-days", str(a.keep_minutes / 1440)] if prune else None),
                            ("backup", [*agent_exe(), "backup", "--db", str(db), "--to",
                                        str(work / "backup.db")] if backup else None)):
             if argv is None:
@@ -233,6 +236,7 @@ def report(s: Soak, db: Path, inbox: Path, first: Sample | None, end: Sample) ->
                          "UNION ALL SELECT original_name FROM duplicates UNION ALL SELECT original_name FROM "
                          "quarantine) GROUP BY original_name HAVING count(*) > 1)").fetchone()[0]
     names = {r[0] for t in per_table for r in conn.execute(f"SELECT original_name FROM {t}")}
+    pruned = conn.execute("SELECT count(*) FROM results WHERE file_state = 'pruned'").fetchone()[0]
     conn.close()
     left = sorted(p.name for p in inbox.iterdir())
     missing = a.images - len(names & {f"img_{i:06d}.jpg" for i in range(a.images)})
@@ -244,7 +248,8 @@ def report(s: Soak, db: Path, inbox: Path, first: Sample | None, end: Sample) ->
               f"{smp.workers_rss_kb / 1024:14.1f} {smp.fds:5d}")
     s.say("")
     s.say(f"outcomes: {per_table} for {a.images} images; names with more than one outcome: {twice}; "
-          f"images without an outcome: {missing}; left in the inbox: {len(left)}")
+          f"images without an outcome: {missing}; left in the inbox: {len(left)}; stored images pruned by "
+          f"retention (rows kept): {pruned}")
     for line in s.side_runs[:3] + (["..."] if len(s.side_runs) > 6 else []) + s.side_runs[-3:] if s.side_runs \
             else ["side jobs: none ran"]:
         s.say(f"  {line}")
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause-max", type=float, default=3.0, help="longest pause between bursts (s)")
     p.add_argument("--max-backlog", type=int, default=1500, help="do not let the inbox grow beyond this")
     p.add_argument("--side-every", type=int, default=2000, help="run prune and backup every N images written")
+    p.add_argument("--keep-minutes", type=float, default=2.0,
+                   help="retention of screened images, for the daemon's own pruning and `edge-agent prune`")
     p.add_argument("--sample-seconds", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
