@@ -72,6 +72,9 @@ class Settings:
     # Who may read results and screened images besides the agent's user (share.py, docs/install.md "Staff
     # access"): a group name or number; empty keeps them private to the agent's user.
     share_group: str = ""
+    # Site calibration file (site_calibration.py, `edge-agent calibrate`): temperature and thresholds re-fitted
+    # on this site's labelled cases; None: the file beside the bundle (BUNDLE.site-calibration.json) if present.
+    calibration: Path | None = None
 
     @property
     def inbox_dir(self) -> Path:
@@ -131,6 +134,8 @@ HELP: dict[str, str] = {
                     "project's key shipped with the package",
     "share_group": "group whose members may read the results database and the screened images (database 0640, "
                    "processed folders 0750, stored copies 0640, all with this group); empty: the agent's user only",
+    "calibration": "site calibration file written by `edge-agent calibrate` (verified at start: refused if made for "
+                   "another model id or edited); its temperature and thresholds replace the bundle's",
     "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
                              "an event at every start)",
 }
@@ -146,6 +151,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "processed_dir": "INBOX/../processed",
     "quarantine_dir": "INBOX/../quarantine",
     "trusted_keys": "only the project's key",
+    "calibration": "MODEL.site-calibration.json beside the bundle, if present",
 }
 
 

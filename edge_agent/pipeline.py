@@ -31,6 +31,7 @@ from .bundle import Bundle, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected
+from .drift import DriftMonitor
 from .decode_worker import DecodePool, DecoderUnavailable
 from .infer import Engine, InferenceError, check_providers
 from .intake import Intake, Vanished, read_file
@@ -42,6 +43,7 @@ from .provenance import policy_event, startup_notices
 from .share import resolve_share
 from .signing import trust_from_settings
 from .store import Reader, StoreError, Writer, damaged, describe_db_error, is_locked, now_iso
+from .site_calibration import resolve as resolve_calibration
 from .triage import Policy, softmax, triage
 
 log = logging.getLogger(__name__)
@@ -172,8 +174,11 @@ class Agent:
         limit_malloc_arenas()
         self._prepare_dirs()
         self.bundle = load_bundle(site.model, trust_from_settings(s))
-        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
+        # The site calibration file (site_calibration.py), verified against this bundle before anything runs.
+        self.calibration = resolve_calibration(s.calibration, self.bundle)
+        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override, self.calibration)
         self.policy_json = self.policy.to_json()
+        self.drift = DriftMonitor(self.bundle.manifest)  # daily figures and drift alarms (drift.py)
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
         self.store = Writer(site.db, self.bundle.labels, self.share)
@@ -221,10 +226,13 @@ class Agent:
         self._event("start", f"{'scan' if self.one_shot else 'run'} pid={os.getpid()} model={self.bundle.model_id} "
                              f"variant={variant}")
         self._event("policy", policy_event(self.bundle, self.policy))
-        for kind, message in startup_notices(self.bundle, self.policy):
+        if self.calibration is not None:
+            log.info("site calibration %s", self.calibration.summary())
+        for kind, message in startup_notices(self.bundle, self.policy, self.calibration):
             log.warning("%s", message)
             self._event(kind, message)
         self._post_state()
+        self._emit(("call", self.drift.update))
 
     def _prepare_dirs(self) -> None:
         try:
@@ -315,6 +323,8 @@ class Agent:
                     next_ping = now + self.notifier.watchdog_interval
                 if now >= next_state:
                     self._post_state()
+                    if self.drift.due():
+                        self._emit(("call", self.drift.update))
                     self.notifier.status(self._status_line())
                     next_state = now + STATE_SECONDS
                 if not watcher.alive():
@@ -435,6 +445,7 @@ class Agent:
         if self._reference_loader is not None:
             self._reference_loader.join()  # never leave onnxruntime half-way through opening a model at exit
         if self._writer_thread is not None:
+            self._emit(("call", self.drift.update))  # the day's figures include this run's last results
             self._post_state(stopped=True)
             self._emit(STOP)
             self._writer_thread.join()
@@ -459,6 +470,7 @@ class Agent:
             "model_id": self.bundle.model_id, "model_path": str(self.bundle.path),
             "model_variant": engine.variant if engine else "", "model_primary": self.bundle.primary,
             "model_fallback_active": int(bool(engine and engine.is_fallback)),
+            "calibration_id": getattr(getattr(self, "policy", None), "calibration_id", None) or "",
             "inbox": str(self.inbox), "processed_dir": str(self.processed), "quarantine_dir": str(self.quarantine),
             "backlog": self.intake.backlog + self.intake.inflight, "paused": self.paused or self.db_error or "",
             "min_free_mb": self.s.min_free_mb, "quiet_seconds": self.s.quiet_seconds,
@@ -663,14 +675,14 @@ class Agent:
         x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
         logits, variant = self.engine.infer(x)
         b, policy = self.bundle, self.policy
-        probs = softmax(logits, b.temperature)
+        probs = softmax(logits, policy.temperature)  # the site calibration's temperature when one is in force
         ref: dict[int, np.ndarray] = {}
         if self.engine.can_spot_check:
             idx = [i for i, j in enumerate(batch) if j.sha256 and self._spot_selected(j.sha256)]
             if idx:
                 r = self.engine.reference(x[idx])
                 if r is not None:
-                    ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
+                    ref = dict(zip(idx, softmax(r, policy.temperature), strict=True))
         processed_at = now_iso()
         done = time.monotonic()
         fallback = variant != b.primary
@@ -686,7 +698,7 @@ class Agent:
             row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
                              variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
                              manifest_sha256=b.manifest_sha256, policy=self.policy_json,
-                             spot_checked=i in ref, spot_label=spot_label,
+                             calibration_id=policy.calibration_id, spot_checked=i in ref, spot_label=spot_label,
                              latency_ms=round((done - j.cand.dispatched) * 1000, 1))
             j.decoded = None
             self._emit(Outcome("result", j, row=row))
@@ -740,12 +752,13 @@ def _database_fault(e: BaseException) -> bool:
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
                label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
-               manifest_sha256: str, policy: str) -> dict[str, Any]:
+               manifest_sha256: str, policy: str, calibration_id: str | None = None) -> dict[str, Any]:
     """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
-    manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
+    manifest_sha256, policy (Policy.to_json) and calibration_id (the site calibration file in force, None for
+    the bundle's own thresholds) record what the result was produced under (provenance.py)."""
     return {
         "sha256": sha256, "processed_at": processed_at, "model_id": model_id, "model_variant": variant,
-        "manifest_sha256": manifest_sha256, "policy": policy,
+        "manifest_sha256": manifest_sha256, "policy": policy, "calibration_id": calibration_id,
         "fallback": int(fallback), "label": t.label, "label_name": label_name,
         "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
         "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},
