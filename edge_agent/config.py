@@ -151,7 +151,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "processed_dir": "INBOX/../processed",
     "quarantine_dir": "INBOX/../quarantine",
     "trusted_keys": "only the project's key",
-    "calibration": "MODEL.site-calibration.json beside the bundle, if present",
+    "calibration": "the file beside the bundle folder, if present",
 }
 
 
