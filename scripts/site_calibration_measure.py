@@ -11,6 +11,11 @@ resamples of the 60%): sensitivity of the melanoma rule and of any high-risk fla
 of benign cases (nv, bkl) left without a high-risk flag.
 
     python scripts/site_calibration_measure.py [--data ../shared/data/isic2017-train] [--seed 0] [--out FILE.md]
+                                               [--shift none|device]
+
+--shift device also simulates a different dermatoscope on every image (both the 40% and the 60%): a
+softer lens (Gaussian blur, sigma 1.5 px), a washed-out lamp (contrast x0.6, +20 brightness) and strong
+JPEG compression (quality 30), written to a temporary folder and screened like the originals.
 
 Images are read, decoded and preprocessed by the agent's own code and run through the bundle's primary
 (INT8) model on the CPU (site_calibration.screen), exactly as `edge-agent calibrate --csv` does.
@@ -34,6 +39,20 @@ from edge_agent.decode import QualityLimits  # noqa: E402
 from edge_agent.site_calibration import fit, screen  # noqa: E402
 
 
+def device_shift(files: list[tuple[Path, str]], dest: Path) -> list[tuple[Path, str]]:
+    """Copies as another dermatoscope would take them: softer lens, washed-out lamp, strong JPEG compression."""
+    import cv2
+
+    out = []
+    for path, label in files:
+        img = cv2.GaussianBlur(cv2.imread(str(path)), (0, 0), 1.5)
+        img = np.clip((img.astype(np.float32) - 128) * 0.6 + 148, 0, 255).astype(np.uint8)
+        p = dest / path.name
+        cv2.imwrite(str(p), img, [cv2.IMWRITE_JPEG_QUALITY, 30])
+        out.append((p, label))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/isic2017-train")
@@ -41,6 +60,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fraction", type=float, default=0.4)
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
+    ap.add_argument("--shift", choices=("none", "device"), default="none",
+                    help="device: simulate another dermatoscope (blur, washed-out lamp, JPEG q30) on every image")
     a = ap.parse_args()
 
     bundle = load_bundle(a.bundle)
@@ -56,6 +77,11 @@ def main() -> int:
     chosen = set(rng.permutation(groups)[: int(round(a.fraction * len(groups)))].tolist())
     cal = [(a.data / "images" / f"{r['image_id']}.jpg", r["label"]) for r in rows if r["group"] in chosen]
     ev = [(a.data / "images" / f"{r['image_id']}.jpg", r["label"]) for r in rows if r["group"] not in chosen]
+    if a.shift == "device":
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="site-shift-"))
+        cal, ev = device_shift(cal, tmp), device_shift(ev, tmp)
     kw = dict(max_pixels=s.max_pixels, max_file_mb=s.max_file_mb, limits=limits, threads=2)
     c_cases, e_cases = screen(cal, bundle, **kw), screen(ev, bundle, **kw)
     result = fit(c_cases, bundle, reps=1000, seed=a.seed)
@@ -84,6 +110,7 @@ def main() -> int:
         return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
     out = []
+    out.append(f"Shift: {a.shift}.  ")
     out.append(f"Simulated new site: ISIC 2017 images of the default bundle's val+test splits ({len(rows)} images, "
                f"{len(groups)} lesion groups); calibrate on {len(c_cases.y)} ({int((c_cases.y == mel).sum())} "
                f"melanomas, {int(round(a.fraction * 100))}% of the groups, seed {a.seed}), evaluate on {n} "
