@@ -469,19 +469,28 @@ def fit(cases: Cases, bundle: Bundle, *, target: float | None = None, allow_loos
         score, score_b = risk_score(p_site, labels, spec["labels"]), risk_score(p_bundle, labels, spec["labels"])
         p_b = float(spec["probability"])
         flagged_b = score_b >= p_b
-        t = floor6(threshold_for_sensitivity(score, pos, tgt))
-        looser = int((score >= t).sum()) < int(flagged_b.sum())
+
+        def choose(i: np.ndarray) -> tuple[float, bool, float]:
+            """(threshold, looser, fitted) on cases i: the target's threshold, held to the bundle's flag count
+            unless allow_looser. The same procedure gives the point estimate and every bootstrap resample."""
+            fitted = floor6(threshold_for_sensitivity(score[i], pos[i], tgt))
+            need = int(flagged_b[i].sum())
+            if int((score[i] >= fitted).sum()) >= need:
+                return fitted, False, fitted
+            if allow_looser:
+                return fitted, True, fitted
+            return floor6(threshold_for_flag_count(score[i], need)), False, fitted
+
+        t, looser, fitted = choose(np.arange(n))
         note = None
-        if looser and not allow_looser:
-            t_kept = floor6(threshold_for_flag_count(score, int(flagged_b.sum())))
-            note = (f"the site's cases would allow {t:g} (flagging fewer of them than the bundle's policy); kept "
-                    f"{t_kept:g}, which flags as many as the bundle did - pass --allow-looser (clinician approval) "
+        if not allow_looser and t != fitted:
+            note = (f"the site's cases would allow {fitted:g} (flagging fewer of them than the bundle's policy); kept "
+                    f"{t:g}, which flags as many as the bundle did - pass --allow-looser (clinician approval) "
                     "to use the looser value")
-            t, looser = t_kept, False
         if looser:
             out["loosened"].append(name)
         strata = pos.astype(int)
-        t_ci_rule = bootstrap_ci(lambda i: threshold_for_sensitivity(score[i], pos[i], tgt), n, reps, seed + 1, strata)
+        t_ci_rule = bootstrap_ci(lambda i: choose(i)[0], n, reps, seed + 1, strata)
 
         def figures(flag: np.ndarray, sd: int) -> dict[str, Any]:
             s, sp = sens_spec(pos, flag)
