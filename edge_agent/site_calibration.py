@@ -378,10 +378,13 @@ def cases_from_reviews(conn: sqlite3.Connection, bundle: Bundle) -> Cases:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reviews)")}
     verdict_sql = "COALESCE(" + ", ".join(f"NULLIF(TRIM(v.{c}), '')" for c in ("histopathology", "diagnosis")
                                           if c in cols) + ", NULL)"
-    rows = conn.execute(
-        f"SELECT r.id, r.model_id, r.probabilities, r.policy, {verdict_sql} AS verdict FROM reviews v "
-        "JOIN results r ON r.id = v.result_id WHERE v.rowid = (SELECT max(w.rowid) FROM reviews w "
-        "WHERE w.result_id = v.result_id)").fetchall()
+    base = (f"SELECT r.id, r.model_id, r.probabilities, r.policy, {verdict_sql} AS verdict FROM reviews v "
+            "JOIN results r ON r.id = v.result_id")
+    try:  # the latest review of each result (rowid order); a reviews view without rowid: every review
+        rows = conn.execute(base + " WHERE v.rowid = (SELECT max(w.rowid) FROM reviews w "
+                                   "WHERE w.result_id = v.result_id)").fetchall()
+    except sqlite3.OperationalError:
+        rows = conn.execute(base).fetchall()
     lookup = label_lookup(bundle)
     lab_index = {lab: i for i, lab in enumerate(bundle.labels)}
     logits, ys = [], []

@@ -306,3 +306,15 @@ def test_migration_from_version_2(tmp_path):
     assert w.conn.execute("SELECT count(*) FROM daily_figures").fetchone()[0] == 0
     store._migration_site_calibration(sqlite_utils.Database(w.conn))  # idempotent
     w.close()
+
+
+def test_model_info_shows_a_refused_calibration(fresh_bundle):
+    b = load_bundle(fresh_bundle)
+    doc = _doc(b)
+    doc["thresholds"]["melanoma"]["probability"] = 0.9  # edited by hand after sealing
+    default_path(fresh_bundle).write_text(json.dumps(doc))
+    r = CliRunner().invoke(main, ["model", "info", str(fresh_bundle)])
+    assert r.exit_code == 1 and "calibration:   REFUSED:" in r.output and "fails its checksum" in r.output
+    default_path(fresh_bundle).unlink()
+    r = CliRunner().invoke(main, ["model", "info", str(fresh_bundle)])
+    assert r.exit_code == 0 and "calibration:   none" in r.output
