@@ -330,7 +330,7 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
             batch.clear()
             batch_y.clear()
 
-    same = 0
+    same = poor = 0
     for path, code in files:
         try:
             size = path.stat().st_size
@@ -352,6 +352,7 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
         except OSError as e:
             excluded.append((str(path), f"unreadable: {e.strerror or e}"))
             continue
+        poor += bool(d.quality.poor)
         batch.append(d.tensor)
         batch_y.append(lab_index[code])
         if len(batch) >= BATCH:
@@ -359,6 +360,9 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
     flush()
     if same:
         notes.append(f"{same} file(s) were the same image as another case (same bytes) and counted once")
+    if poor:
+        notes.append(f"{poor} image(s) failed the quality check (blurred, too dark or overexposed): kept, since the "
+                     "agent screens such images too (flagged poor_quality)")
     k = len(bundle.labels)
     return Cases(np.asarray(logits, np.float64).reshape(-1, k), np.asarray(ys, int), source, excluded, notes)
 
