@@ -141,6 +141,8 @@ def test_agent_applies_calibration_and_rows_carry_its_id(fresh_bundle, dirs, exa
     assert all("melanoma" in r["high_risk_rules"] for r in got)  # the calibration's threshold 0.0 flags all
     pol = json.loads(got[0]["policy"])
     assert pol["calibration"] == doc["calibration_id"] and pol["temperature"] == 1.0
+    st = json.loads(CliRunner().invoke(main, ["status", "--db", str(dirs["db"]), "--format", "json"]).stdout)
+    assert st["calibration_id"] == doc["calibration_id"]
 
 
 def test_without_calibration_rows_record_none(fresh_bundle, dirs, example_images):
