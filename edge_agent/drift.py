@@ -75,6 +75,14 @@ def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
     return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
 
 
+_DAY_SQL = ("SELECT substr(processed_at, 1, 10) AS d, count(*), sum(needs_review), "
+            "sum(instr(review_reasons, 'poor_quality') > 0), sum(instr(review_reasons, 'out_of_distribution') > 0), "
+            "NULL FROM results WHERE processed_at >= ? GROUP BY d")
+_DAY_SQL_OOD = ("SELECT substr(processed_at, 1, 10) AS d, count(*), sum(needs_review), "
+                "sum(instr(review_reasons, 'poor_quality') > 0), sum(instr(review_reasons, 'out_of_distribution') > 0), "
+                "avg(ood_score) FROM results WHERE processed_at >= ? GROUP BY d")
+
+
 def compute(conn: sqlite3.Connection, since_day: str) -> list[Day]:
     """Figures per UTC day from `since_day` on, straight from results and quarantine (oldest first)."""
     out: dict[str, Day] = {}
@@ -85,11 +93,9 @@ def compute(conn: sqlite3.Connection, since_day: str) -> list[Day]:
         return out[d]
 
     since = since_day + "T"  # processed_at is ISO UTC with a fixed width: text order is time order
-    ood_col = "avg(ood_score)" if has_column(conn, "results", "ood_score") else "NULL"
-    for r in conn.execute(
-            "SELECT substr(processed_at, 1, 10) AS d, count(*), sum(needs_review), "
-            "sum(instr(review_reasons, 'poor_quality') > 0), sum(instr(review_reasons, 'out_of_distribution') > 0), "
-            f"{ood_col} FROM results WHERE processed_at >= ? GROUP BY d", (since,)):
+    # Two constant statements (no SQL built from strings): results carry ood_score only with OOD bundles' schema.
+    sql = _DAY_SQL_OOD if has_column(conn, "results", "ood_score") else _DAY_SQL
+    for r in conn.execute(sql, (since,)):
         x = day(r[0])
         x.images, x.flagged, x.poor_quality, x.ood = int(r[1]), int(r[2] or 0), int(r[3] or 0), int(r[4] or 0)
         x.mean_ood_score = None if r[5] is None else round(float(r[5]), 6)

@@ -372,6 +372,17 @@ def reviews_available(conn: sqlite3.Connection) -> bool:
     return {"result_id"} <= cols and bool({"diagnosis", "histopathology"} & cols)
 
 
+_VERDICTS = {
+    "both": "SELECT r.id, r.model_id, r.probabilities, r.policy, COALESCE(NULLIF(TRIM(v.histopathology), ''), "
+            "NULLIF(TRIM(v.diagnosis), '')) FROM reviews v JOIN results r ON r.id = v.result_id",
+    "histopathology": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.histopathology), '') "
+                      "FROM reviews v JOIN results r ON r.id = v.result_id",
+    "diagnosis": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.diagnosis), '') "
+                 "FROM reviews v JOIN results r ON r.id = v.result_id",
+}
+_LATEST = " WHERE v.rowid = (SELECT max(w.rowid) FROM reviews w WHERE w.result_id = v.result_id)"
+
+
 def cases_from_reviews(conn: sqlite3.Connection, bundle: Bundle) -> Cases:
     """Cases from the clinicians' verdicts in `reviews` (histopathology over diagnosis, the latest review of a
     result), with the logits recovered from the stored probabilities at the temperature they were made with.
@@ -380,15 +391,13 @@ def cases_from_reviews(conn: sqlite3.Connection, bundle: Bundle) -> Cases:
         raise CalibrationError("the database has no `reviews` table with verdicts (result_id, diagnosis or "
                                "histopathology) yet: record reviews first, or pass --csv FILE with file,label lines")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reviews)")}
-    verdict_sql = "COALESCE(" + ", ".join(f"NULLIF(TRIM(v.{c}), '')" for c in ("histopathology", "diagnosis")
-                                          if c in cols) + ", NULL)"
-    base = (f"SELECT r.id, r.model_id, r.probabilities, r.policy, {verdict_sql} AS verdict FROM reviews v "
-            "JOIN results r ON r.id = v.result_id")
+    # Constant statements only (no SQL built from strings): histopathology wins over the clinical diagnosis.
+    which = ("both" if {"histopathology", "diagnosis"} <= cols else "histopathology" if "histopathology" in cols
+             else "diagnosis")
     try:  # the latest review of each result (rowid order); a reviews view without rowid: every review
-        rows = conn.execute(base + " WHERE v.rowid = (SELECT max(w.rowid) FROM reviews w "
-                                   "WHERE w.result_id = v.result_id)").fetchall()
+        rows = conn.execute(_VERDICTS[which] + _LATEST).fetchall()
     except sqlite3.OperationalError:
-        rows = conn.execute(base).fetchall()
+        rows = conn.execute(_VERDICTS[which]).fetchall()
     lookup = label_lookup(bundle)
     lab_index = {lab: i for i, lab in enumerate(bundle.labels)}
     logits, ys = [], []
