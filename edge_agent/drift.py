@@ -13,9 +13,9 @@ Expected ranges (docs/site-calibration.md, "Drift alarms"):
   without recorded flag rates is not checked;
 - predicted-class mix: the bundle's test split label mix; alarm when the total variation distance exceeds
   MIX_TV_LIMIT;
-- share flagged out_of_distribution: the bundle's recorded validation share when it has one, else
-  DEFAULT_OOD_SHARE (the issue's acceptance bar for in-distribution images); alarm above
-  max(OOD_SHARE_FLOOR, 3 x expected);
+- share flagged out_of_distribution: the bundle's validation share (format 3:
+  ood.fit.variants.<primary>.val_flagged), else DEFAULT_OOD_SHARE (the issue's acceptance bar for
+  in-distribution images); alarm above max(OOD_SHARE_FLOOR, 3 x expected);
 - quality: no bundle figure exists; documented defaults POOR_QUALITY_LIMIT and QUARANTINE_LIMIT.
 Every rate bound also gets 3 binomial standard errors for the day's image count, and days with fewer
 than MIN_IMAGES images are not judged (too noisy), so a quiet day never raises an alarm.
@@ -159,14 +159,19 @@ def expected(manifest: dict[str, Any] | None) -> dict[str, Any]:
         if total > 0:
             out["class_mix"] = {k: v / total for k, v in counts.items() if isinstance(v, (int, float))}
     ood = m.get("ood") if isinstance(m.get("ood"), dict) else None
-    if ood is not None:
+    if ood is not None:  # bundle format 3: ood.fit.variants.<variant>.val_flagged / val_median (build-model)
         out["has_ood"] = True
-        for key in ("val_flagged_share", "val_share_flagged", "val_flag_rate", "expected_share", "flag_rate"):
-            v = _rate(ood.get(key))
-            if v is None and isinstance(ood.get("validation"), dict):
-                v = _rate(ood["validation"].get(key))
-            if v is not None:
-                out["ood_share"], out["ood_share_source"] = v, f"bundle ood.{key}"
+        fit = ood.get("fit") if isinstance(ood.get("fit"), dict) else {}
+        variants = fit.get("variants") if isinstance(fit.get("variants"), dict) else {}
+        primary = m.get("primary")
+        order = [primary] + [v for v in variants if v != primary] if primary in variants else list(variants)
+        for v in order:
+            spec = variants.get(v) if isinstance(variants.get(v), dict) else {}
+            share = _rate(spec.get("val_flagged"))
+            if share is not None:
+                out["ood_share"], out["ood_share_source"] = share, f"bundle ood.fit.variants.{v}.val_flagged"
+                med = spec.get("val_median")
+                out["ood_score_val_median"] = float(med) if isinstance(med, (int, float)) else None
                 break
     return out
 

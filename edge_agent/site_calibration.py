@@ -322,9 +322,15 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
     batch: list[np.ndarray] = []
     batch_y: list[int] = []
 
+    ood_flagged = 0
+
     def flush() -> None:
+        nonlocal ood_flagged
         if batch:
-            out, _ = engine.infer(np.stack(batch).astype(np.float32, copy=False))
+            out, pooled, variant = engine.infer_features(np.stack(batch).astype(np.float32, copy=False),
+                                                         pooled=bundle.ood is not None)
+            if bundle.ood is not None and pooled is not None:
+                ood_flagged += int(np.sum(bundle.ood.flags(bundle.ood.score(pooled, variant), variant)))
             logits.extend(np.asarray(out, np.float64))
             ys.extend(batch_y)
             batch.clear()
@@ -360,6 +366,9 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
     flush()
     if same:
         notes.append(f"{same} file(s) were the same image as another case (same bytes) and counted once")
+    if ood_flagged:
+        notes.append(f"{ood_flagged} image(s) look unlike the training data (flagged out_of_distribution): kept, as "
+                     "the agent screens them too; check they are dermoscopy images of this site")
     if poor:
         notes.append(f"{poor} image(s) failed the quality check (blurred, too dark or overexposed): kept, since the "
                      "agent screens such images too (flagged poor_quality)")

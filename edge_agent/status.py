@@ -218,7 +218,7 @@ def drift_lines(d: dict[str, Any] | None) -> list[str]:
         return ["drift:           no results in the last days"]
     last = d["days"][-1]
     ood = ("no OOD scores (bundle without OOD statistics)" if d.get("mean_ood_score") is None and not
-           d["expected"].get("has_ood") else f"mean OOD score {d['mean_ood_score']}")
+           d["expected"].get("has_ood") else f"mean OOD score {d['mean_ood_score'] if d.get('mean_ood_score') is not None else '-'}")
     rates = ", ".join(f"{k} {v:.0%}" for k, v in sorted(last["flag_rate"].items())) or "none"
     return [f"today (UTC):     {last['day']}: {last['images']} images, {last['share_ood']:.0%} out of distribution, "
             f"flag rate {rates}, {last['poor_quality']} poor quality, {last['quarantined']} quarantined",

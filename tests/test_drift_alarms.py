@@ -47,7 +47,8 @@ def _fill(db: Path, days: dict[int, float], per_day: int = 80, seed: int = 0) ->
                     "file_state": "moved", "received_at": at, "processed_at": at, "model_id": MANIFEST["model_id"],
                     "model_variant": "int8", "fallback": 0, "label": label, "confidence": 0.8,
                     "probabilities": {k: 1 / len(LABELS) for k in LABELS}, "needs_review": int(bool(reasons)),
-                    "review_reasons": ",".join(reasons), "high_risk_rules": ",".join(rules), "quality_issues": ""})
+                    "review_reasons": ",".join(reasons), "high_risk_rules": ",".join(rules), "quality_issues": "",
+                    "ood_score": 3.0 if "out_of_distribution" in reasons else 0.4})
     w.close()
 
 
@@ -73,6 +74,7 @@ def test_shifted_site_warns_since_the_shift_began(tmp_path):
     [alarm] = [a for a in st["drift"]["alarms"] if a["kind"] == "out_of_distribution"]
     assert alarm["since"] == since and alarm["value"] == pytest.approx(0.34, abs=0.01)
     assert st["drift"]["days"][-1]["share_ood"] == pytest.approx(0.34, abs=0.01)
+    assert st["drift"]["days"][-1]["mean_ood_score"] == pytest.approx(0.34 * 3.0 + 0.66 * 0.4)
 
 
 def test_flag_rate_shift_names_the_rule(tmp_path):
@@ -124,9 +126,11 @@ def test_expected_ranges_from_the_shipped_manifest_and_defaults():
     exp = drift.expected(MANIFEST)
     lo, hi = exp["rules"]["melanoma"]
     assert lo < 0.58 < hi and abs(sum(exp["class_mix"].values()) - 1) < 1e-9
-    assert exp["ood_share"] == drift.DEFAULT_OOD_SHARE and exp["ood_share_source"] == "default"
+    assert exp["ood_share"] == pytest.approx(MANIFEST["ood"]["fit"]["variants"]["int8"]["val_flagged"])
+    assert exp["ood_share_source"] == "bundle ood.fit.variants.int8.val_flagged" and exp["has_ood"]
     bare = drift.expected({"thresholds": {"melanoma": {"labels": ["mel"], "probability": 0.3}}})
-    assert bare["rules"] == {} and bare["class_mix"] is None
+    assert bare["rules"] == {} and bare["class_mix"] is None  # older bundles: documented defaults
+    assert bare["ood_share"] == drift.DEFAULT_OOD_SHARE and bare["ood_share_source"] == "default" and not bare["has_ood"]
 
 
 def test_scan_keeps_daily_figures(fresh_bundle, dirs, example_images):
