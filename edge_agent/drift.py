@@ -28,6 +28,7 @@ import math
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -289,8 +290,9 @@ class DriftMonitor:
     """Kept by the daemon: refresh `daily_figures` at most once a minute (from the writer thread, inside its
     transaction) and log each alarm once when it starts (WARNING and an events row `drift`)."""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
-        self.expected = expected(manifest)
+    def __init__(self, manifest: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        # a callable: the manifest of the model in use now (a model swap changes the expected ranges)
+        self.manifest = manifest if callable(manifest) else (lambda: manifest)
         self.active: set[str] = set()
         self.last = 0.0
         self.failed = False
@@ -302,7 +304,7 @@ class DriftMonitor:
         self.last = time.monotonic()
         try:
             refresh(conn)
-            current = alarms(compute(conn, _since(DAYS)), self.expected)
+            current = alarms(compute(conn, _since(DAYS)), expected(self.manifest()))
         except sqlite3.Error as e:  # never let the figures hold up a commit
             if not self.failed:
                 log.warning("cannot update the drift figures (%s); screening continues", e)
