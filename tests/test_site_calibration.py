@@ -320,3 +320,19 @@ def test_model_info_shows_a_refused_calibration(fresh_bundle):
     default_path(fresh_bundle).unlink()
     r = CliRunner().invoke(main, ["model", "info", str(fresh_bundle)])
     assert r.exit_code == 0 and "calibration:   none" in r.output
+
+
+def test_model_swap_verifies_the_new_bundles_calibration(fresh_bundle, dirs, tmp_path):
+    """A bundle activated later gets its own calibration checked before the switch: the one beside it is applied,
+    a file made for another model id rejects the switch."""
+    from edge_agent.modelswap import SwapRejected, prepare
+
+    b = load_bundle(fresh_bundle)
+    s = settings_for(dirs, fresh_bundle)
+    default_path(fresh_bundle).write_text(json.dumps(_doc(b)))
+    cand = prepare(fresh_bundle, s)
+    assert cand.policy.calibration_id == _doc(b)["calibration_id"] and cand.policy.thresholds()["melanoma"] == 0.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_doc(b, model_id="some-other-model-1234")))
+    with pytest.raises(SwapRejected, match="was made for model 'some-other-model-1234'"):
+        prepare(fresh_bundle, settings_for(dirs, fresh_bundle, calibration=other))
