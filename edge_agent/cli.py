@@ -874,5 +874,118 @@ def rollback(db: Path | None, reload_: bool, wait: float, trusted_keys: tuple[Pa
                                        "allow_unsigned_bundle": allow_unsigned_bundle}, reload_, wait)
 
 
+# --- backfill, backfill-merge (edge_agent/backfill, docs/backfill.md; needs the [scale] extra) --------------
+
+_BACKFILL_SETTINGS = ("model", "trusted_keys", "allow_unsigned_bundle", "thresholds", "threshold_override",
+                      "providers", "threads", "batch_size", "spot_check_fraction", "max_pixels", "max_file_mb",
+                      "min_sharpness", "min_brightness", "max_brightness", "max_clipped_fraction", "log_level")
+
+
+def _backfill_settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The screening settings of `scan` (same flags, environment and config file), without the inbox ones."""
+    opts = []
+    for name in _BACKFILL_SETTINGS:
+        fld = FIELDS[name]
+        if name in _SPECIAL:
+            opts.append(_SPECIAL[name])
+        elif "Path" in str(fld.type):
+            opts.append(click.option(_flag(name), name, type=click.Path(path_type=Path), help=_help(name)))
+        else:
+            opts.append(click.option(_flag(name), name, type=_FLAG_TYPES[str(fld.type)], help=_help(name)))
+    opts.append(click.option("--config", "config_file", type=click.Path(path_type=Path),
+                             help="TOML settings file (or EDGE_AGENT_CONFIG): the screening settings of `scan`"))
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _need_scale() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as e:
+        _fail(f"the backfill needs Ray Data and pyarrow ({e}); install the extra: pip install "
+              "'edge-derm-screen[scale]'")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--manifest", is_flag=True, help="SOURCE is a text file with one path or URI per line (s3://, gs://, "
+              "file://; relative paths from the manifest's folder) instead of a folder to walk")
+@click.option("-o", "--output", required=True, help="output folder (local, shared, or an object-store URI): "
+              "partitioned Parquet and the backfill's state; give the same one to resume")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="screening actors (worker processes), each with its own model session and decoder process")
+@click.option("--actor-cpus", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="CPUs Ray reserves per actor (and the default --threads)")
+@click.option("--batch-rows", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
+              help="inputs per actor call (ONNX batches of --batch-size inside it)")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="at least this many rows per Parquet file; what a stop loses and redoes is at most this many "
+                   "per writer")
+@click.option("--address", help="an existing Ray cluster ('auto', or ray://HEAD:10001); default: start a local one")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="a local cluster's CPUs (default: this machine's)")
+@click.option("--object-store-mb", type=click.IntRange(min=80), help="a local cluster's object store (default: Ray's)")
+@click.option("--dashboard/--no-dashboard", default=False, show_default=True,
+              help="start Ray's dashboard with a local cluster (progress per operator, at http://127.0.0.1:8265)")
+@_backfill_settings_options
+def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: float, batch_rows: int,
+             rows_per_file: int, address: str | None, num_cpus: int | None, object_store_mb: int | None,
+             dashboard: bool, config_file: Path | None, **flags: Any) -> None:
+    """Screen an archive (a folder tree, or --manifest FILE) on Ray with the agent's own decode, model and
+    triage; rows as Parquet in --output (exit 0: every input has a row). The archive is only read. Stopped or
+    killed, the same command resumes where the written rows end. Then: edge-agent backfill-merge OUTPUT --db DB."""
+    _need_scale()
+    flags["threads"] = flags.get("threads") or max(1, int(actor_cpus))
+    s = _load(flags, config_file)
+    logsetup.setup(s.log_level)
+    from .backfill.output import BackfillError, BackfillFailed
+    from .backfill.run import Options, run_backfill
+    from .infer import InferenceError
+
+    opts = Options(actors=actors, actor_cpus=actor_cpus, batch_rows=batch_rows, rows_per_file=rows_per_file,
+                   address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, dashboard=dashboard)
+    try:
+        sm = run_backfill(source, output, s, manifest=manifest, opts=opts, echo=lambda t: click.echo(t, err=True))
+    except (ConfigError, BundleError, BackfillError) as e:
+        _fail(str(e))
+    except (InferenceError, BackfillFailed, OSError) as e:
+        _fail(str(e), EXIT_RUNTIME)
+    w = sm.written
+    assert w is not None
+    for note in sm.notes:
+        click.echo(f"  note: {note}")
+    rate = (sm.screened + sm.quarantined) / sm.seconds if sm.seconds else 0.0
+    click.echo(f"backfill: {len(w.keys)} of {sm.entries} inputs written to {output} ({w.results} results, "
+               f"{w.quarantined} quarantined); this run: {sm.screened} screened, {sm.quarantined} quarantined in "
+               f"{sm.seconds:.1f} s ({rate:.1f} images/s"
+               + (f"; {sm.steady_rate:.1f} images/s after start-up)" if sm.steady_rate else ")"))
+    if w.repeated:
+        click.echo(f"  {w.repeated} row(s) were written twice (a retried write); the merge keeps one")
+    click.echo(f"  merge into a results database: edge-agent backfill-merge {output} --db DB")
+    sys.exit(0 if len(w.keys) >= sm.entries else EXIT_INCOMPLETE)
+
+
+@main.command("backfill-merge")
+@click.argument("output")
+@_db_options
+def backfill_merge(output: str, db: Path | None, config_file: Path | None) -> None:
+    """Merge a backfill's Parquet rows into a results database (created if missing), keyed by sha256: merging
+    again, or after a resumed backfill, never adds a row twice. Takes the database's lock (stop the agent
+    that uses it, or merge into another database)."""
+    _need_scale()
+    s = _load({"db": db}, config_file)
+    from .backfill.merge import merge
+    from .backfill.output import BackfillError
+    from .share import resolve_share
+
+    try:
+        m = merge(output, s.db_path, resolve_share(s.share_group))
+    except (ConfigError, BackfillError, StoreError, Busy) as e:
+        _fail(str(e))
+    click.echo(f"merged {m.files} file(s) from {output} into {s.db_path}: {m.results} results, {m.duplicates} "
+               f"duplicates, {m.quarantined} quarantined, {m.already} already there")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -16,13 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .bundle import Bundle
 from .commit import STOP, Job, Outcome, StageTimes
 from .infer import Engine, InferenceError
-from .store import now_iso
-from .triage import Policy, softmax, triage
+from .triage import Policy
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +82,10 @@ class InferStage:
     # --- spot-checks ------------------------------------------------------------------------
 
     def spot_selected(self, sha256: str) -> bool:
-        """Deterministic by content, so a re-run checks the same images."""
-        f = self.fraction
-        return f > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < f
+        """Deterministic by content, so a re-run (or the backfill) checks the same images."""
+        from .pipeline import spot_selected
+
+        return spot_selected(sha256, self.fraction)
 
     def want_reference(self) -> None:
         if not self.reference_wanted:
@@ -150,39 +148,15 @@ class InferStage:
                 return
 
     def run_batch(self, batch: list[Job]) -> None:
-        m = self.model  # read once: the whole batch is screened by this model
-        b, policy, engine = m.bundle, m.policy, m.engine
-        x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
-        logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
-        probs = softmax(logits, policy.temperature)  # the site calibration's temperature when one is in force
-        ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
-        ref: dict[int, np.ndarray] = {}
-        if engine.can_spot_check:
-            idx = [i for i, j in enumerate(batch) if j.sha256 and self.spot_selected(j.sha256)]
-            if idx:
-                r = engine.reference(x[idx])
-                if r is not None:
-                    ref = dict(zip(idx, softmax(r, policy.temperature), strict=True))
-        processed_at = now_iso()
-        done = time.monotonic()
-        fallback = variant != b.primary
-        from .pipeline import result_row
+        """Screen one batch with one model (read once: a swap never splits a batch): pipeline.screen_batch, the
+        function the backfill's Ray actors call too, so the two can never screen differently."""
+        from .pipeline import screen_batch
 
-        for i, j in enumerate(batch):
-            d = j.decoded
-            assert d is not None
-            spot_label, disagree = None, False
-            if i in ref:
-                mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
-                spot_label = theirs.label
-                disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
-                       out_of_distribution=ood is not None and b.ood is not None and bool(b.ood.flags(ood[i], variant)))
-            row = result_row(t, d, sha256=j.sha256 or "", processed_at=processed_at, model_id=b.model_id,
-                             ood_score=None if ood is None else round(float(ood[i]), 4),
-                             variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
-                             manifest_sha256=b.manifest_sha256, policy=m.policy_json,
-                             calibration_id=policy.calibration_id, spot_checked=i in ref, spot_label=spot_label,
-                             latency_ms=round((done - j.cand.dispatched) * 1000, 1))
+        m = self.model
+        rows = screen_batch(m.engine, m.bundle, m.policy, m.policy_json,
+                            [(j.sha256 or "", j.decoded) for j in batch], self.fraction)
+        done = time.monotonic()
+        for j, row in zip(batch, rows, strict=True):
+            row["latency_ms"] = round((done - j.cand.dispatched) * 1000, 1)
             j.decoded = None
             self.emit(Outcome("result", j, row=row))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
@@ -47,7 +48,7 @@ from .share import resolve_share
 from .signing import trust_from_settings
 from .site_calibration import resolve as resolve_calibration
 from .store import Reader, StoreError, Writer, damaged, describe_db_error, is_locked, now_iso
-from .triage import Policy
+from .triage import Policy, softmax, triage
 
 log = logging.getLogger(__name__)
 
@@ -757,6 +758,49 @@ def _database_fault(e: BaseException) -> bool:
     """The database failed (cannot be opened, locked, damaged, deleted), as opposed to a bug in a query."""
     return isinstance(e, StoreError) or (isinstance(e, sqlite3.DatabaseError) and not isinstance(
         e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)))
+
+
+def spot_selected(sha256: str, fraction: float) -> bool:
+    """Whether this image gets the FP32 spot-check: deterministic by content, so a re-run (or the backfill,
+    edge_agent/backfill) checks the same images."""
+    return fraction > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: str,
+                 items: list[tuple[str | None, Any]], spot_check_fraction: float) -> list[dict[str, Any]]:
+    """Inference, spot-checks and triage of decoded images: one `results` row per (sha256, Decoded), in order
+    (latency_ms 0.0: the caller knows when the image entered). The daemon's inference stage and the backfill's
+    Ray actors (edge_agent/backfill) both call this, so the two can never screen differently."""
+    x = np.stack([d.tensor for _, d in items]).astype(np.float32, copy=False)
+    b = bundle
+    logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
+    probs = softmax(logits, policy.temperature)  # the site calibration's temperature when one is in force
+    ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
+    ref: dict[int, np.ndarray] = {}
+    if engine.can_spot_check:
+        idx = [i for i, (sha, _) in enumerate(items) if sha and spot_selected(sha, spot_check_fraction)]
+        if idx:
+            r = engine.reference(x[idx])
+            if r is not None:
+                ref = dict(zip(idx, softmax(r, policy.temperature), strict=True))
+    processed_at = now_iso()
+    fallback = variant != b.primary
+    rows = []
+    for i, (sha, d) in enumerate(items):
+        spot_label, disagree = None, False
+        if i in ref:
+            mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
+            spot_label = theirs.label
+            disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
+        t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
+                   out_of_distribution=ood is not None and bool(b.ood.flags(ood[i], variant)))
+        rows.append(result_row(t, d, sha256=sha, processed_at=processed_at, model_id=b.model_id, variant=variant,
+                               ood_score=None if ood is None else round(float(ood[i]), 4),
+                               fallback=fallback, label_name=b.label_names.get(t.label, t.label),
+                               manifest_sha256=b.manifest_sha256, policy=policy_json, spot_checked=i in ref,
+                               calibration_id=policy.calibration_id,
+                               spot_label=spot_label, latency_ms=0.0))
+    return rows
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
