@@ -9,47 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
+# The arithmetic a site re-fit shares with the build lives in edge_agent (which must not import build_model);
+# re-exported here so build_model.calibrate.fit_temperature & co. keep working.
+from edge_agent.calibration_math import fit_temperature, floor6 as _floor6, risk_score, threshold_for_sensitivity
+
 from .metrics import ece, sens_spec, softmax
 
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """Temperature minimising validation NLL (1-D search over log T; convex enough for a grid + refine)."""
-    def nll(t: float) -> float:
-        p = softmax(logits, t)
-        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean())
-
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8), 200))
-    best = min(grid, key=nll)
-    lo, hi = best / 1.05, best * 1.05
-    for _ in range(40):  # golden-section refine
-        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-    return float((lo + hi) / 2)
+__all__ = ["fit_temperature", "risk_score", "threshold_for_sensitivity", "calibration_report", "choose_thresholds",
+           "apply_thresholds", "by_source"]
 
 
 def calibration_report(logits: np.ndarray, y: np.ndarray, t: float) -> dict:
     return {"temperature": t, "ece_before": ece(softmax(logits), y), "ece_after": ece(softmax(logits, t), y)}
-
-
-def risk_score(prob: np.ndarray, labels: list[str], group: list[str]) -> np.ndarray:
-    idx = [labels.index(g) for g in group if g in labels]
-    return prob[:, idx].sum(axis=1)
-
-
-def threshold_for_sensitivity(score: np.ndarray, positive: np.ndarray, target: float) -> float:
-    """Largest threshold whose sensitivity (score >= t) is at least `target`."""
-    pos = np.sort(score[positive])[::-1]
-    if len(pos) == 0:
-        return 0.5
-    k = int(np.ceil(target * len(pos)))  # need at least k positives at or above t
-    return float(pos[min(k, len(pos)) - 1])
-
-
-def _floor6(t: float) -> float:
-    return float(np.floor(t * 1e6) / 1e6)
 
 
 def choose_thresholds(prob_val: np.ndarray, y_val: np.ndarray, labels: list[str], high_risk: list[str],

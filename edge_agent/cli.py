@@ -7,6 +7,10 @@ database at start, or another agent already holds the inbox or the database
 failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully to restart
 after a reload (SIGHUP) whose changes only apply at start (the systemd unit restarts
 it: RestartForceExitStatus=4). SIGHUP itself reloads the model in place (modelswap.py).
+`run`/`scan` exit 2 too when the site calibration file is made for another model id or fails its checksum.
+`calibrate`: 0 the calibration file was written (or shown, --dry-run); 1 too few positive cases (the
+message names how many more are needed; nothing written); 2 unusable input (unknown labels, missing files,
+conflicting rows, no reviews, bundle or output problems; nothing written).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
 so `results` and `status` answer instantly.
@@ -575,17 +579,23 @@ def _signature_line(rep: Any) -> str:
 
 @model.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="site calibration file to show (default: "
+              "the `calibration` setting, else BUNDLE.site-calibration.json beside the bundle if present)")
 @_format_options
 @_trust_options
-def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
-         allow_unsigned_bundle: bool | None) -> None:
-    """Show a bundle: id, labels, variants, thresholds, gate verdict, signature and checksum status."""
+def info(bundle: Path | None, calibration: Path | None, fmt: str, as_json: bool, config_file: Path | None,
+         trusted_keys: tuple[Path, ...], allow_unsigned_bundle: bool | None) -> None:
+    """Show a bundle: id, labels, variants, thresholds, gate verdict, signature and checksum status, and the site
+    calibration in force next to the bundle's own numbers."""
     as_json = as_json or fmt == "json"
     rep = _verify_with_trust(_bundle_arg(bundle), config_file, trusted_keys, allow_unsigned_bundle)
     m = rep.manifest or {}
+    cal, cal_error = _active_calibration(rep, calibration, config_file)
     if as_json:
-        click.echo(json.dumps({**rep.to_dict(), "manifest": m}, indent=2, default=str))
-        sys.exit(0 if rep.ok else 1)
+        click.echo(json.dumps({**rep.to_dict(), "manifest": m, "calibration": cal.doc if cal else None,
+                               "calibration_path": str(cal.path) if cal else None, "calibration_error": cal_error},
+                              indent=2, default=str))
+        sys.exit(0 if rep.ok and not cal_error else 1)
     # The manifest may be damaged or hostile: show what it says (as text), never trust its types here.
     gate = m.get("gate") if isinstance(m.get("gate"), dict) else {}
     names = m.get("label_names") if isinstance(m.get("label_names"), dict) else {}
@@ -606,6 +616,20 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
             click.echo(f"threshold:     {name}: P({'+'.join(str(x) for x in spec['labels'])}) >= {spec.get('probability')} -> high_risk")
         elif name == "low_confidence" and isinstance(spec, dict):
             click.echo(f"threshold:     low_confidence: top-1 probability < {spec.get('top1_probability')}")
+    if cal is not None:
+        t = cal.doc["temperature"]
+        click.echo(f"calibration:   {cal.calibration_id} ({cal.path}), made {cal.doc.get('created_at')} by "
+                   f"{cal.doc.get('created_by')} on {cal.doc.get('data', {}).get('cases')} cases")
+        click.echo(f"  temperature: {cal.temperature:.4g} [{_ci_text(t.get('ci95'))}] (bundle {m.get('temperature', '-')!s})")
+        for name, spec in cal.doc["thresholds"].items():
+            site = spec.get("site_calibrated", {})
+            click.echo(f"  threshold:   {name}: {spec['probability']:g} [{_ci_text(spec.get('ci95'))}] (bundle "
+                       f"{spec.get('bundle')}); site sensitivity {site.get('sensitivity')} "
+                       f"[{_ci_text(site.get('sensitivity_ci95'))}]{'  LOOSER than the bundle' if spec.get('looser') else ''}")
+    elif cal_error:
+        click.echo(f"calibration:   REFUSED: {cal_error}")
+    else:
+        click.echo("calibration:   none (the bundle's own temperature and thresholds)")
     click.echo(f"gate:          {'APPROVED' if gate.get('approved') else 'REJECTED' if gate else '-'}"
                f"{': ' + str(gate.get('reason')) if gate.get('reason') else ''}")
     click.echo(f"ood check:     {_ood_line(m)}")
@@ -619,7 +643,26 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
         click.echo(f"ERROR: {e}", err=True)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
-    sys.exit(0 if rep.ok else 1)
+    sys.exit(0 if rep.ok and not cal_error else 1)
+
+
+def _ci_text(ci: Any) -> str:
+    return ", ".join("-" if v is None else f"{v:.4g}" for v in ci) if isinstance(ci, list) and len(ci) == 2 else "-"
+
+
+def _active_calibration(rep: Any, path: Path | None, config_file: Path | None) -> tuple[Any, str | None]:
+    """The site calibration the agent would apply with this bundle (None, None: none), or why it is refused."""
+    from .bundle import load_bundle
+    from .site_calibration import CalibrationError, resolve
+
+    if not rep.ok:
+        return None, None
+    if path is None:
+        path = _load({}, config_file).calibration
+    try:
+        return resolve(path, load_bundle(rep.path, rep.trust)), None
+    except (CalibrationError, BundleError) as e:
+        return None, str(e)
 
 
 def _ood_line(m: dict) -> str:
@@ -683,6 +726,82 @@ def _check_loads(rep: Any) -> None:
                 rep.errors.append(msg + "; rebuild the bundle")
             else:
                 rep.warnings.append(msg + (f"; the agent would fall back to {b.fallback}" if variant == b.primary else ""))
+
+
+# --- calibrate (site_calibration.py) ----------------------------------------------------------
+
+@main.command()
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="the site's labelled cases: lines FILE,LABEL "
+              "(label code or name; paths relative to the CSV); screened with the agent's own decode and model")
+@click.option("--from-reviews", is_flag=True, help="use the diagnosis/histopathology verdicts recorded in the "
+              "database's reviews (needs --db)")
+@click.option("--db", type=click.Path(path_type=Path), help="results database (or EDGE_AGENT_DB): reviews source, "
+              "and where a loosening is recorded as an event")
+@click.option("--model", type=click.Path(path_type=Path), help="model bundle (default: the bundle shipped with the package)")
+@click.option("--out", type=click.Path(path_type=Path), help="calibration file to write (default: "
+              "BUNDLE.site-calibration.json beside the bundle folder, which the agent loads by itself)")
+@click.option("--target", type=click.FloatRange(0.5, 0.999), help="sensitivity every high-risk rule must reach on "
+              "the site's cases (default: each rule's target in the bundle, 0.95)")
+@click.option("--allow-looser", is_flag=True, help="allow thresholds that flag fewer of the site's cases than the "
+              "bundle's (needs a clinician's approval; logged, and announced at every agent start)")
+@click.option("--bootstrap", "reps", type=click.IntRange(100, 100_000), default=1000, show_default=True,
+              help="bootstrap resamples for the 95% intervals")
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option("--by", help="who calibrated (recorded in the file; default USER@HOST)")
+@click.option("--dry-run", is_flag=True, help="fit and show, write nothing")
+@_format_options
+@_trust_options
+def calibrate(csv_path: Path | None, from_reviews: bool, db: Path | None, model: Path | None, out: Path | None,
+              target: float | None, allow_looser: bool, reps: int, seed: int, by: str | None, dry_run: bool, fmt: str,
+              as_json: bool, config_file: Path | None, trusted_keys: tuple[Path, ...],
+              allow_unsigned_bundle: bool | None) -> None:
+    """Re-fit the temperature and the review thresholds on this site's labelled cases so that every high-risk
+    rule reaches its target sensitivity here; writes a checksummed site calibration file beside the bundle
+    (never into it) that the agent verifies and applies at start. Exit 0 written, 1 too few positives, 2 bad
+    input."""
+    from .bundle import load_bundle
+    from .signing import trust_from_settings
+    from .site_calibration import CalibrationError, TooFewPositives, calibrate as run_calibration, default_path, \
+        record_event, render, write_atomic
+
+    if (csv_path is None) == (not from_reviews):
+        _fail("pass exactly one of --csv FILE (file,label lines) or --from-reviews (verdicts in the database)")
+    s = _load({"db": db, "model": model, "trusted_keys": trusted_keys,
+               "allow_unsigned_bundle": allow_unsigned_bundle}, config_file)
+    logsetup.setup("WARNING")
+    try:
+        bundle = load_bundle(s.model_path, trust_from_settings(s))
+    except (BundleError, ConfigError) as e:
+        _fail(str(e))
+    as_json = as_json or fmt == "json"
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    try:
+        doc = run_calibration(bundle, csv_path=csv_path, db_path=s.db if from_reviews else None, settings=s,
+                              target=target, allow_looser=allow_looser, reps=reps, seed=seed, by=by,
+                              command=" ".join(["edge-agent", *sys.argv[1:]]), say=say)
+    except TooFewPositives as e:
+        _fail(str(e), EXIT_INCOMPLETE)
+    except CalibrationError as e:
+        _fail(str(e))
+    path = out or default_path(bundle.path)
+    if not dry_run:
+        try:
+            write_atomic(path, doc)
+        except CalibrationError as e:
+            _fail(str(e))
+    if as_json:
+        click.echo(json.dumps({**doc, "path": str(path), "written": not dry_run}, indent=2))
+    else:
+        click.echo("\n".join(render(doc)))
+        click.echo(f"{'would write (dry run)' if dry_run else 'wrote'} {path}" +
+                   ("" if dry_run or out is None else " - set `calibration` to this path for the agent to use it"))
+    if doc["loosened"] and not dry_run:
+        msg = (f"site calibration {doc['calibration_id']} makes rule(s) {', '.join(doc['loosened'])} LESS STRICT "
+               f"than the bundle's (--allow-looser, by {doc['created_by']}); written to {path}")
+        log.warning("%s", msg)
+        click.echo(f"WARNING: {msg}", err=True)
+        record_event(s.db, "calibration_loosened", msg)
+    sys.exit(0)
 
 
 # --- model activate / rollback (modelswap.py) ---------------------------------------------------

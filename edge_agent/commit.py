@@ -198,7 +198,7 @@ class Committer:
             self._held += n
 
     def put(self, item: Any) -> None:
-        """An Outcome, ("event", kind, detail), ("state", {key: value}) or STOP."""
+        """An Outcome, ("event", kind, detail), ("state", {key: value}), ("call", fn(conn)) or STOP."""
         if isinstance(item, Outcome):
             self._hold(1)
         self.queue.put(item)
@@ -279,6 +279,8 @@ class Committer:
                             self.store.event(c[1], c[2])
                         elif c[0] == "state":
                             self.store.set_state(c[1])
+                        elif c[0] == "call":  # bookkeeping that must run on the writer's connection (drift.py)
+                            c[1](self.store.conn)
                     if any(o.kind == "result" for o in outs):
                         crash_point("in_commit")  # rows written, COMMIT not yet: the transaction must vanish
                 break

@@ -79,6 +79,9 @@ class Settings:
     prune_seconds: float = 3600.0
     metrics_file: Path | None = None
     metrics_seconds: float = 15.0
+    # Site calibration file (site_calibration.py, `edge-agent calibrate`): temperature and thresholds re-fitted
+    # on this site's labelled cases; None: the file beside the bundle (BUNDLE.site-calibration.json) if present.
+    calibration: Path | None = None
 
     @property
     def inbox_dir(self) -> Path:
@@ -147,6 +150,8 @@ HELP: dict[str, str] = {
     "metrics_file": "Prometheus textfile for node_exporter's textfile collector, rewritten atomically (needs the "
                     "[metrics] extra; empty: off)",
     "metrics_seconds": "how often the metrics file is rewritten",
+    "calibration": "site calibration file written by `edge-agent calibrate` (verified at start: refused if made for "
+                   "another model id or edited); its temperature and thresholds replace the bundle's",
     "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
                              "an event at every start)",
 }
@@ -162,6 +167,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "processed_dir": "INBOX/../processed",
     "quarantine_dir": "INBOX/../quarantine",
     "trusted_keys": "only the project's key",
+    "calibration": "the file beside the bundle folder, if present",
 }
 
 

@@ -144,8 +144,10 @@ def prepare(path: Path, s: Settings, current: Bundle | None = None, expect_sha: 
         raise SwapRejected(f"the manifest of {where} changed after it was activated (sha256 {bundle.manifest_sha256[:12]}"
                            f", activated {expect_sha[:12]}): someone modified the folder; check it and run "
                            "`edge-agent model activate` on it again")
-    try:
-        policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override)
+    try:  # the site calibration for this bundle (site_calibration.py): refused if made for another model id
+        from .site_calibration import resolve as resolve_calibration
+
+        policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override, resolve_calibration(s.calibration, bundle))
     except ConfigError as e:
         raise SwapRejected(f"the bundle {where} does not fit this device's threshold settings: {e}") from None
     engine = Engine(bundle, s.providers, s.threads, on_event=on_event)

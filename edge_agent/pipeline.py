@@ -34,6 +34,7 @@ from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected
+from .drift import DriftMonitor
 from .decode_worker import DecodePool, DecoderUnavailable
 from .infer import Engine, InferenceError, check_providers
 from .infer_stage import ActiveModel, InferStage
@@ -45,6 +46,7 @@ from .poison import PoisonJournal
 from .provenance import policy_event, startup_notices
 from .share import resolve_share
 from .signing import trust_from_settings
+from .site_calibration import resolve as resolve_calibration
 from .store import Reader, StoreError, Writer, damaged, describe_db_error, is_locked, now_iso
 from .triage import Policy, softmax, triage
 
@@ -212,7 +214,10 @@ class Agent:
             raise BundleError(f"the activated bundle {model_path} changed after it was activated (manifest sha256 "
                               f"{bundle.manifest_sha256[:12]}, activated {expect_sha[:12]}): check the folder, then run "
                               "`edge-agent model activate` on it again or `edge-agent model rollback`")
-        policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override)
+        # The site calibration file (site_calibration.py), verified against this bundle before anything runs.
+        calibration = resolve_calibration(s.calibration, bundle)
+        policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override, calibration)
+        self.drift = DriftMonitor(lambda: self.bundle.manifest)  # daily figures and drift alarms (drift.py)
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
         self.store = Writer(site.db, bundle.labels, self.share)
@@ -263,10 +268,13 @@ class Agent:
         self._event("start", f"{'scan' if self.one_shot else 'run'} pid={os.getpid()} model={self.bundle.model_id} "
                              f"variant={variant} source={self.model_source}")
         self._event("policy", policy_event(self.bundle, self.policy))
-        for kind, message in startup_notices(self.bundle, self.policy):
+        if calibration is not None:
+            log.info("site calibration %s", calibration.summary())
+        for kind, message in startup_notices(self.bundle, self.policy, calibration):
             log.warning("%s", message)
             self._event(kind, message)
         self._post_state()
+        self._emit(("call", self.drift.update))
 
     def _prepare_dirs(self) -> None:
         try:
@@ -369,6 +377,8 @@ class Agent:
                     next_ping = now + self.notifier.watchdog_interval
                 if now >= next_state:
                     self._post_state()
+                    if self.drift.due():
+                        self._emit(("call", self.drift.update))
                     self.notifier.status(self._status_line())
                     next_state = now + STATE_SECONDS
                 if not watcher.alive():
@@ -495,6 +505,8 @@ class Agent:
         if self.housekeeping is not None:
             self.housekeeping.close()
         if self._writer_thread is not None:
+            if hasattr(self, "drift"):
+                self._emit(("call", self.drift.update))  # the day's figures include this run's last results
             self._post_state(stopped=True)
             self._emit(STOP)
             self._writer_thread.join()
@@ -521,6 +533,7 @@ class Agent:
             "model_id": self.bundle.model_id, "model_path": str(self.bundle.path),
             "model_variant": engine.variant if engine else "", "model_primary": self.bundle.primary,
             "model_fallback_active": int(bool(engine and engine.is_fallback)),
+            "calibration_id": self.policy.calibration_id or "",
             "inbox": str(self.inbox), "processed_dir": str(self.processed), "quarantine_dir": str(self.quarantine),
             "backlog": self.intake.backlog + self.intake.inflight, "paused": self.paused or self.db_error or "",
             "min_free_mb": self.s.min_free_mb, "quiet_seconds": self.s.quiet_seconds,
@@ -761,7 +774,7 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
     x = np.stack([d.tensor for _, d in items]).astype(np.float32, copy=False)
     b = bundle
     logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
-    probs = softmax(logits, b.temperature)
+    probs = softmax(logits, policy.temperature)  # the site calibration's temperature when one is in force
     ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
     ref: dict[int, np.ndarray] = {}
     if engine.can_spot_check:
@@ -769,7 +782,7 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
         if idx:
             r = engine.reference(x[idx])
             if r is not None:
-                ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
+                ref = dict(zip(idx, softmax(r, policy.temperature), strict=True))
     processed_at = now_iso()
     fallback = variant != b.primary
     rows = []
@@ -785,18 +798,21 @@ def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: st
                                ood_score=None if ood is None else round(float(ood[i]), 4),
                                fallback=fallback, label_name=b.label_names.get(t.label, t.label),
                                manifest_sha256=b.manifest_sha256, policy=policy_json, spot_checked=i in ref,
+                               calibration_id=policy.calibration_id,
                                spot_label=spot_label, latency_ms=0.0))
     return rows
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
                label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
-               manifest_sha256: str, policy: str, ood_score: float | None = None) -> dict[str, Any]:
+               manifest_sha256: str, policy: str, ood_score: float | None = None,
+               calibration_id: str | None = None) -> dict[str, Any]:
     """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
-    manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
+    manifest_sha256, policy (Policy.to_json) and calibration_id (the site calibration file in force, None for
+    the bundle's own thresholds) record what the result was produced under (provenance.py)."""
     return {
         "sha256": sha256, "processed_at": processed_at, "model_id": model_id, "model_variant": variant,
-        "manifest_sha256": manifest_sha256, "policy": policy,
+        "manifest_sha256": manifest_sha256, "policy": policy, "calibration_id": calibration_id,
         "fallback": int(fallback), "label": t.label, "label_name": label_name,
         "confidence": round(t.confidence, 6), "p_high_risk": round(t.p_high_risk, 6),
         "probabilities": {k: round(v, 6) for k, v in t.probabilities.items()},

@@ -10,14 +10,21 @@ journal or in the database.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .bundle import Bundle
 from .triage import Policy
 
 
-def startup_notices(bundle: Bundle, policy: Policy) -> list[tuple[str, str]]:
+def startup_notices(bundle: Bundle, policy: Policy, calibration: Any = None) -> list[tuple[str, str]]:
     """(event kind, message) pairs to log as WARNING and record in `events` at start; empty by default."""
     out: list[tuple[str, str]] = []
+    if calibration is not None and calibration.loosened:
+        out.append(("calibration_loosened", f"site calibration {calibration.calibration_id} ({calibration.path}) "
+                                            f"makes rule(s) {', '.join(calibration.loosened)} LESS STRICT than the "
+                                            "bundle's (fewer of the site's images flagged; written with "
+                                            "--allow-looser by " f"{calibration.doc.get('created_by')}); policy in force, "
+                                            f"recorded in every result row: {policy.to_json()}"))
     sig = bundle.signature
     if sig is not None and not sig.valid:
         why = (f"it is signed by {sig.key_id}, a key this device does not trust" if sig.status == "untrusted"

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .drift import figures as drift_figures, load_manifest
 from .intake import name_kind
 from .store import status as db_status
 
@@ -166,6 +167,10 @@ def collect(conn: sqlite3.Connection, db_path: Path) -> dict[str, Any]:
     if agent.get("mode") == "run" and not running and not agent.get("stopped_at"):
         warnings.append(f"the agent is not running (no heartbeat for {HEARTBEAT_SECONDS} s and it did not stop "
                         "cleanly); check `systemctl status` / the journal")
+    # Drift (drift.py): the daily figures against the bundle's expected ranges; alarms are warnings.
+    st["calibration_id"] = agent.get("calibration_id") or None
+    st["drift"] = drift_figures(conn, load_manifest(agent.get("model_path")))
+    warnings += [a["message"] for a in st["drift"]["alarms"]]
     st["warnings"] = warnings
     ops_collect(conn, st)
     return st
@@ -203,6 +208,8 @@ def render(st: dict[str, Any], db_path: Path, printable: Any = str) -> list[str]
         lines.append(f"  ... and {more} more (edge-agent status --format json lists up to {LIST_WAITING})")
     if agent.get("paused"):
         lines.append(f"paused:          {agent['paused']}")
+    lines.append(f"calibration:     {st.get('calibration_id') or 'none (the bundle' + chr(39) + 's thresholds)'}")
+    lines += drift_lines(st.get("drift"))
     lines += ops_render(st)
     return lines
 
@@ -250,3 +257,17 @@ def ops_render(st: dict[str, Any]) -> list[str]:
                      f"{m.get('edge_agent_fallback_results_total', 0):.0f} fallback results since start, backlog "
                      f"{m.get('edge_agent_backlog', 0):.0f}, paused {m.get('edge_agent_paused', 0):.0f}")
     return lines
+
+
+def drift_lines(d: dict[str, Any] | None) -> list[str]:
+    """The drift figures in one or two lines: the latest day and the window."""
+    if not d or not d.get("days"):
+        return ["drift:           no results in the last days"]
+    last = d["days"][-1]
+    ood = ("no OOD scores (bundle without OOD statistics)" if d.get("mean_ood_score") is None and not
+           d["expected"].get("has_ood") else f"mean OOD score {d['mean_ood_score'] if d.get('mean_ood_score') is not None else '-'}")
+    rates = ", ".join(f"{k} {v:.0%}" for k, v in sorted(last["flag_rate"].items())) or "none"
+    return [f"today (UTC):     {last['day']}: {last['images']} images, {last['share_ood']:.0%} out of distribution, "
+            f"flag rate {rates}, {last['poor_quality']} poor quality, {last['quarantined']} quarantined",
+            f"last {d['window_days']} days:    {d['images']} images, "
+            f"{(d['share_ood'] or 0):.0%} out of distribution, {ood}"]

@@ -31,7 +31,7 @@ from typing import Any
 from .bundle import LABEL_RE
 from .share import Share
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
 # created before it was set have 0 and are recognised by their tables instead.
 APPLICATION_ID = 0x45644167
@@ -353,10 +353,31 @@ def _migration_retention(db: Any) -> None:
             db.conn.execute(f"ALTER TABLE {table} ADD COLUMN pruned_at TEXT")
 
 
+def _migration_site_calibration(db: Any) -> None:
+    """Site calibration and drift alarms (site_calibration.py, drift.py): `results.calibration_id`, the site
+    calibration file a result was produced under (NULL: the bundle's own temperature and thresholds), and
+    `daily_figures`, one row per UTC day of the figures the drift alarms watch (kept by the daemon)."""
+    have = {r[1] for r in db.conn.execute("PRAGMA table_info(results)")}
+    if "calibration_id" not in have:
+        db.conn.execute("ALTER TABLE results ADD COLUMN calibration_id TEXT")
+    db.conn.execute("""CREATE TABLE IF NOT EXISTS daily_figures (
+        day TEXT PRIMARY KEY,           -- UTC date, YYYY-MM-DD
+        images INTEGER NOT NULL,        -- results that day
+        quarantined INTEGER NOT NULL,   -- files quarantined that day
+        poor_quality INTEGER NOT NULL,  -- results flagged poor_quality
+        flagged INTEGER NOT NULL,       -- results needing review
+        ood INTEGER NOT NULL,           -- results flagged out_of_distribution
+        mean_ood_score REAL,            -- NULL when no result carries an OOD score
+        rule_flags TEXT NOT NULL,       -- JSON {rule: results that rule flagged}
+        class_mix TEXT NOT NULL,        -- JSON {label: results with that top label}
+        updated_at TEXT NOT NULL)""")
+
+
 MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1),
                                           (2, "results.manifest_sha256 and results.policy", _migration_2),
                                           (3, "results.ood_score", _migration_ood),
-                                          (4, "pruned_at (retention)", _migration_retention)]
+                                          (4, "pruned_at (retention)", _migration_retention),
+                                          (5, "results.calibration_id and daily_figures", _migration_site_calibration)]
 
 
 def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class Policy:
     high_risk_labels: tuple[str, ...]
     # (name, bundle value, value in force, looser) for each locally overridden threshold
     overrides: tuple[tuple[str, float, float, bool], ...] = ()
+    # the site calibration file in force (site_calibration.py): its id is recorded in every result row
+    calibration_id: str | None = None
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds in force, by rule name (low_confidence included when the bundle defines it)."""
@@ -48,24 +51,33 @@ class Policy:
         """The policy in force as recorded in every result row (results.policy), compact and canonical:
         {"thresholds": {rule: p, ...}, "overridden": [rules changed locally], "loosened": [of those, the
         ones made less strict under threshold_override]}. Query with json_extract(policy, '$.thresholds.melanoma')."""
-        return json.dumps({"thresholds": self.thresholds(), "overridden": [o[0] for o in self.overrides],
-                           "loosened": [o[0] for o in self.overrides if o[3]]}, separators=(",", ":"))
+        out: dict[str, object] = {"thresholds": self.thresholds(), "overridden": [o[0] for o in self.overrides],
+                                  "loosened": [o[0] for o in self.overrides if o[3]]}
+        if self.calibration_id is not None:  # a site calibration: its id and temperature (stored p -> logits)
+            out.update(calibration=self.calibration_id, temperature=self.temperature)
+        return json.dumps(out, separators=(",", ":"))
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, overrides: dict[str, float] | None = None, allow_looser: bool = False) -> "Policy":
-        """The bundle's thresholds with local overrides applied; stricter-only unless `allow_looser`."""
+    def from_bundle(cls, bundle: Bundle, overrides: dict[str, float] | None = None, allow_looser: bool = False,
+                    calibration: Any = None) -> "Policy":
+        """The bundle's thresholds with local overrides applied; stricter-only unless `allow_looser`.
+
+        With a verified site calibration (site_calibration.SiteCalibration), its temperature and rule
+        thresholds replace the bundle's, and local overrides are judged against the calibration's values."""
         overrides = dict(overrides or {})
+        site = dict(calibration.thresholds) if calibration is not None else {}
+        basis = "the site calibration's" if calibration is not None else "the bundle's"
         rules: list[Rule] = []
         low: float | None = None
         changed: list[tuple[str, float, float, bool]] = []
         for name, spec in bundle.thresholds.items():
             if "labels" in spec:
-                p = float(spec["probability"])
+                p = float(site.get(name, spec["probability"]))
                 if name in overrides:
                     new = overrides.pop(name)
                     if new > p and not allow_looser:
                         raise ConfigError(
-                            f"threshold {name}={new} is less strict than the bundle's {p} (fewer images would be flagged "
+                            f"threshold {name}={new} is less strict than {basis} {p} (fewer images would be flagged "
                             f"{'/'.join(spec['labels'])}); use a value <= {p}, or set threshold_override "
                             "(--threshold-override) if a clinician approved it")
                     changed.append((name, p, new, new > p))
@@ -86,7 +98,9 @@ class Policy:
             known = [n for n, s in bundle.thresholds.items() if "labels" in s or n == "low_confidence"]
             raise ConfigError(f"unknown threshold(s) {sorted(overrides)}: this bundle defines {known}; fix the "
                               "threshold names in the configuration")
-        return cls(bundle.labels, bundle.temperature, tuple(rules), low, bundle.high_risk_labels, tuple(changed))
+        temperature = float(calibration.temperature) if calibration is not None else bundle.temperature
+        return cls(bundle.labels, temperature, tuple(rules), low, bundle.high_risk_labels, tuple(changed),
+                   calibration.calibration_id if calibration is not None else None)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

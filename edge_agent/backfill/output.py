@@ -41,7 +41,7 @@ RESULT_TYPES: dict[str, str] = {
     "quality_issues": "string", "sharpness": "float64", "brightness": "float64", "clipped_dark": "float64",
     "clipped_bright": "float64", "image_format": "string", "width": "int64", "height": "int64",
     "decode_reduction": "int64", "spot_checked": "int64", "spot_label": "string", "latency_ms": "float64",
-    "ood_score": "float64",
+    "ood_score": "float64", "calibration_id": "string",
 }
 QUARANTINE_TYPES: dict[str, str] = {
     "reason_code": "string", "reason": "string", "size_bytes": "int64", "quarantined_at": "string",

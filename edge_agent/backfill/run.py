@@ -184,7 +184,10 @@ def prepare(source: str, output: str, settings: Settings, manifest: bool) -> tup
     from ..triage import Policy
 
     bundle = load_bundle(settings.model_path, trust_from_settings(settings))
-    policy = Policy.from_bundle(bundle, settings.thresholds, settings.threshold_override)
+    from ..site_calibration import resolve as resolve_calibration  # the site's calibration, as the daemon applies it
+
+    policy = Policy.from_bundle(bundle, settings.thresholds, settings.threshold_override,
+                                resolve_calibration(settings.calibration, bundle))
     out = OutputDir(output)
     if manifest:
         if is_uri(source):

@@ -52,7 +52,10 @@ class Screener:
             raise BackfillError(f"the bundle at {self.bundle.path} on this node (manifest {self.bundle.manifest_sha256}) "
                                 f"is not the one the backfill started with ({expect_manifest}); install the same "
                                 "bundle on every node")
-        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
+        from ..site_calibration import resolve as resolve_calibration  # the site's calibration, as the daemon applies it
+
+        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override,
+                                         resolve_calibration(s.calibration, self.bundle))
         self.policy_json = self.policy.to_json()
         self.labels = tuple(self.bundle.labels)
         self.root = root
