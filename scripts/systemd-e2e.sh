@@ -106,10 +106,17 @@ for u in systemd-binfmt.service proc-sys-fs-binfmt_misc.automount proc-sys-fs-bi
 done
 ALT=/opt/edge-agent/models/alt
 (cd "$REPO/tests" && "$PYTHON" - "$ROOT$ALT" "$ROOT/etc/edge-agent/test.pub" <<'EOF'
-import shutil, sys
+import json, shutil, sys
 from pathlib import Path
-from bundle_factory import TEST_PUBLIC_KEY, make_bundle
-make_bundle(Path(sys.argv[1]), seed=14)
+from bundle_factory import TEST_PUBLIC_KEY, write_manifest
+# The shipped bundle under another model id, signed with the test key: same labels and preprocessing, so
+# a reload is the agent's live model swap between two batches (another preprocessing would restart it).
+src, dst = Path("../edge_agent/bundle"), Path(sys.argv[1])
+shutil.copytree(src, dst)
+(dst / "manifest.sig").unlink()
+m = json.loads((dst / "manifest.json").read_text())
+prefix, digest = m["model_id"].rsplit("-", 1)
+write_manifest(dst, m, model_id=prefix + "e2e-" + digest)
 Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
 shutil.copy(TEST_PUBLIC_KEY, sys.argv[2])
 EOF
@@ -250,8 +257,17 @@ else
     how="systemctl kill -s HUP --kill-whom=main (this unit has no ExecReload=; SIGHUP is its reload)"
     ct systemctl kill -s HUP --kill-whom=main edge-agent
 fi
-sleep 1
-for _ in $(seq 300); do [ "$(show ActiveState)/$(show SubState)" = active/running ] && break; sleep 0.2; done
+swap_at=""
+for _ in $(seq 300); do  # the agent verifies and loads the new bundle in a spare thread, then switches
+    swap_at=$("$PYTHON" -c "
+import sqlite3,sys; c=sqlite3.connect(f'file:{sys.argv[1]}?mode=ro',uri=True)
+r=c.execute(\"SELECT at FROM events WHERE kind='model_swap' AND detail LIKE ?\", ('%'+sys.argv[2]+'%',)).fetchone()
+print(r[0] if r else '')" "$DB" "$ALT_ID" 2>/dev/null)
+    [ -n "$swap_at" ] && [ "$(show ActiveState)/$(show SubState)" = active/running ] && break
+    [ "$(show MainPID)" != "$pid0" ] && [ "$(show ActiveState)/$(show SubState)" = active/running ] && break
+    sleep 0.2
+done
+echo "model_swap event: ${swap_at:-none (restarted instead)}"
 drop afterreload 10
 n=$(wait_outcomes 'afterreload_%' 10)
 ids=$("$PYTHON" -c "
@@ -259,7 +275,9 @@ import sqlite3,sys; c=sqlite3.connect(f'file:{sys.argv[1]}?mode=ro',uri=True)
 print(' '.join(sorted({r[0] for r in c.execute(\"SELECT model_id FROM results WHERE original_name LIKE 'afterreload_%'\")})))" "$DB")
 echo "via $how; MainPID $pid0 -> $(show MainPID); $(show ActiveState)/$(show SubState); model ids of the files dropped after it: $ids"
 if [ "$n" = 10 ] && [ "$ids" = "$ALT_ID" ]; then
-    pass "reload: running again with the new model $ALT_ID (10 files dropped after it, all screened by it), via $how"
+    if [ "$(show MainPID)" = "$pid0" ]; then inplace="switched in place: same process $pid0, model_swap event at $swap_at"
+    else inplace="the agent restarted (MainPID $pid0 -> $(show MainPID))"; fi
+    pass "reload: the new model $ALT_ID screens the 10 files dropped after it, via $how; $inplace"
 else
     fail "reload: $n of 10 outcomes, model ids '$ids' (expected $ALT_ID), via $how"
 fi

@@ -60,7 +60,7 @@ def test_sighup_reloads_and_restarts_only_for_settings_that_need_it(procs, dirs,
     assert_exactly_once(dirs, shas)
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "edge-agent.service").read_text()
     assert "RestartForceExitStatus=4" in unit and "SuccessExitStatus=4" in unit  # systemd starts it again
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "ExecReload=/bin/sh -c 'kill -HUP \"$1\"' edge-agent-reload $MAINPID" in unit  # no procps needed
 
 
 def test_scan_stops_cleanly_on_sighup_and_sigint(dirs, bundle_dir, tmp_path) -> None:
