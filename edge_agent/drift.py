@@ -223,6 +223,7 @@ def _checks(d: Day, exp: dict[str, Any]) -> dict[str, tuple[float, str]]:
     return bad
 
 
+ALARM_KINDS = ("out_of_distribution", "class_mix", "quality", "quarantine")  # and "flag_rate:<rule>"
 ADVICE = {"out_of_distribution": "images from this site look unlike the training data",
           "class_mix": "images from this site look unlike the training data",
           "quality": "image quality dropped", "quarantine": "many files cannot be screened"}
@@ -294,6 +295,7 @@ class DriftMonitor:
         # a callable: the manifest of the model in use now (a model swap changes the expected ranges)
         self.manifest = manifest if callable(manifest) else (lambda: manifest)
         self.active: set[str] = set()
+        self.today: Day | None = None  # the latest day's figures, for the metrics file (metrics.py)
         self.last = 0.0
         self.failed = False
 
@@ -304,13 +306,15 @@ class DriftMonitor:
         self.last = time.monotonic()
         try:
             refresh(conn)
-            current = alarms(compute(conn, _since(DAYS)), expected(self.manifest()))
+            figs = compute(conn, _since(DAYS))
+            current = alarms(figs, expected(self.manifest()))
         except sqlite3.Error as e:  # never let the figures hold up a commit
             if not self.failed:
                 log.warning("cannot update the drift figures (%s); screening continues", e)
             self.failed = True
             return
         self.failed = False
+        self.today = figs[-1] if figs else None
         for a in current:
             if a.kind not in self.active:
                 log.warning("%s", a.message)

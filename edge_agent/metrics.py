@@ -68,6 +68,17 @@ class Metrics:
         self.written = Gauge("edge_agent_last_write_timestamp_seconds", "Unix time this file was written",
                              registry=r)
         self.model = Info("edge_agent_model", "The model in use: id, variant, manifest, calibration", registry=r)
+        # drift (drift.py): the latest UTC day's figures and the alarms in force, refreshed once a minute
+        self.drift_alarm = Gauge("edge_agent_drift_alarm", "1 while a drift alarm is in force (images unlike the "
+                                 "training data, flag rate or class mix outside the bundle's range, ...), by kind",
+                                 ["kind"], registry=r)
+        self.day_images = Gauge("edge_agent_day_images", "Images screened on the latest UTC day", registry=r)
+        self.day_share_ood = Gauge("edge_agent_day_share_out_of_distribution", "Share of the latest day's images "
+                                   "flagged out_of_distribution", registry=r)
+        self.day_mean_ood = Gauge("edge_agent_day_mean_ood_score", "Mean OOD score of the latest day's images "
+                                  "(NaN without a format-3 bundle)", registry=r)
+        self.day_flag_rate = Gauge("edge_agent_day_flag_rate", "Share of the latest day's images flagged by each "
+                                   "high-risk rule", ["rule"], registry=r)
         for reason in FLAG_REASONS:  # present at 0, so rate() and alerts work before the first flag
             self.flagged.labels(reason)
         self._warned = False
@@ -107,15 +118,34 @@ class Metrics:
                 self.disk_free.labels(name).set(shutil.disk_usage(path).free)
             except OSError:
                 pass
+        drift = getattr(agent, "drift", None)
+        if drift is not None:
+            self._drift(drift)
         stage = getattr(agent, "stage", None)
         if stage is not None:
             b, engine = stage.model.bundle, stage.model.engine
-            cal = b.manifest.get("calibration")
+            cal_id = getattr(stage.model.policy, "calibration_id", None)  # site calibration (site_calibration.py)
             self.model.info({"model_id": b.model_id, "variant": str(engine.variant or ""),
                              "primary": b.primary, "fallback_active": "1" if engine.is_fallback else "0",
                              "manifest_sha256": b.manifest_sha256, "temperature": f"{b.temperature:g}",
-                             "calibration": str(cal.get("method", "")) if isinstance(cal, dict) else "temperature",
+                             "calibration": str(cal_id) if cal_id else "bundle",
+                             "ood_check": "on" if b.ood is not None else "off",
                              "source": str(stage.model.source)})
+
+    def _drift(self, drift: Any) -> None:
+        from .drift import ALARM_KINDS
+
+        self._alarm_kinds = getattr(self, "_alarm_kinds", set(ALARM_KINDS)) | set(drift.active)
+        for kind in self._alarm_kinds:  # a kind once seen stays in the file (0 when it clears)
+            self.drift_alarm.labels(kind).set(1 if kind in drift.active else 0)
+        d = drift.today
+        if d is None:
+            return
+        self.day_images.set(d.images)
+        self.day_share_ood.set(d.share(d.ood))
+        self.day_mean_ood.set(float("nan") if d.mean_ood_score is None else d.mean_ood_score)
+        for rule, n in (d.rule_flags or {}).items():
+            self.day_flag_rate.labels(rule).set(d.share(n))
 
     # --- out ----------------------------------------------------------------------------------------
 

@@ -68,6 +68,10 @@ def test_metrics_textfile_from_a_running_daemon(tmp_path: Path, dirs: dict[str, 
     model_id = rows(dirs["db"], "SELECT model_id FROM results LIMIT 1")[0][0]
     info = fams["edge_agent_model_info"].samples[0].labels
     assert info["model_id"] == model_id and info["variant"] == "int8" and info["temperature"] == "1.5"
+    assert info["calibration"] == "bundle" and info["ood_check"] == "off"  # the test bundle: format 1
+    for kind in ("out_of_distribution", "class_mix", "quality", "quarantine"):  # drift alarms, present at 0
+        assert value(fams, "edge_agent_drift_alarm", kind=kind) == 0
+    assert "edge_agent_day_images" in fams
     assert oct(prom.stat().st_mode & 0o777) == "0o644"  # node_exporter runs as another user
     assert [p.name for p in prom.parent.iterdir()] == ["edge_agent.prom"]  # no temporary files left
 
