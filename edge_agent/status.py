@@ -70,8 +70,23 @@ def _why(rel: str, age: float, agent: dict[str, Any], posted: dict[str, str], ru
     return "the agent is not running: start it (systemctl start edge-agent) or run `edge-agent scan`"
 
 
-def inbox_waiting(agent: dict[str, Any], running: bool) -> Inbox | None:
-    """Files waiting in the inbox right now, or None if it cannot be read (another user's 0700 folder)."""
+KEPT_SQL = ("SELECT original_path FROM results WHERE file_state = 'kept' UNION ALL "
+            "SELECT original_path FROM duplicates WHERE file_state = 'kept' UNION ALL "
+            "SELECT original_path FROM quarantine WHERE file_state = 'kept'")
+
+
+def kept_paths(conn: sqlite3.Connection) -> set[str]:
+    """Inbox files already screened and left in place on purpose (after = keep): not waiting."""
+    try:
+        return {str(r[0]) for r in conn.execute(KEPT_SQL)}
+    except sqlite3.Error:
+        return set()
+
+
+def inbox_waiting(agent: dict[str, Any], running: bool, kept: set[str] | frozenset[str] = frozenset()
+                  ) -> Inbox | None:
+    """Files waiting in the inbox right now, or None if it cannot be read (another user's 0700 folder).
+    `kept`: paths the database records as screened and kept in the inbox (after = keep), not counted."""
     inbox = agent.get("inbox", "")
     if not inbox or not os.path.isdir(inbox):
         return None
@@ -87,7 +102,7 @@ def inbox_waiting(agent: dict[str, Any], running: bool) -> Inbox | None:
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in ex]
         for f in filenames:
             kind = name_kind(f)
-            if kind == "hidden":
+            if kind == "hidden" or (kept and os.path.join(dirpath, f) in kept):
                 continue
             images += kind == "image"
             uploads += kind == "temp"
@@ -148,7 +163,7 @@ def collect(conn: sqlite3.Connection, db_path: Path) -> dict[str, Any]:
         age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat.replace("Z", "+00:00"))).total_seconds()
     running = bool(agent.get("mode") == "run" and not agent.get("stopped_at") and age is not None
                    and age < HEARTBEAT_SECONDS and pid_alive(agent.get("pid")))
-    inbox = inbox_waiting(agent, running)
+    inbox = inbox_waiting(agent, running, kept_paths(conn))
     st["running"] = running
     st["backlog"] = inbox.images if inbox is not None else int(agent.get("backlog") or 0)
     st["uploads_in_progress"] = inbox.uploads if inbox is not None else None
