@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from ..query import QUALITY_WORDS, REASON_WORDS, known_labels, show_time
 from ..store import StoreError, fs_path
@@ -56,12 +57,20 @@ class ReviewConfig:
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
+class RowId(IntegerConverter):
+    """A row id in a URL: a non-negative integer SQLite can hold (a longer number is a 404, not an overflow)."""
+
+    def __init__(self, url_map: Any) -> None:
+        super().__init__(url_map, min=0, max=2**63 - 1)
+
+
 def create_app(cfg: ReviewConfig) -> Flask:
     here = Path(__file__).parent
     app = Flask(__name__, template_folder=str(here / "templates"), static_folder=str(here / "static"),
                 static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=MAX_FORM_BYTES, MAX_FORM_MEMORY_SIZE=MAX_FORM_BYTES, TRAP_HTTP_EXCEPTIONS=False,
                       PROPAGATE_EXCEPTIONS=False, JSON_SORT_KEYS=False)
+    app.url_map.converters["id"] = RowId
     processed = Path(os.path.realpath(cfg.processed))
     quarantine = Path(os.path.realpath(cfg.quarantine))
     heatmaps = Heatmaps(cfg.bundle, cfg.trust, cfg.providers, max_pixels=cfg.max_pixels)
@@ -209,7 +218,7 @@ def create_app(cfg: ReviewConfig) -> Flask:
             return False, f"{fmt.upper()} images cannot be shown by a browser; open the file {f.path.name} with an image viewer"
         return True, ""
 
-    @app.get("/case/<int:rid>")
+    @app.get("/case/<id:rid>")
     def case(rid: int, form: dict[str, Any] | None = None, problems: dict[str, str] | None = None,
              saved: bool = False, status: int = 200) -> Response:
         row = case_or_404(rid)
@@ -232,13 +241,13 @@ def create_app(cfg: ReviewConfig) -> Flask:
             saved=saved or request.args.get("saved") == "1", reviewer=request.cookies.get("edge_review_name", ""))
         return Response(body, status=status, mimetype="text/html")
 
-    @app.get("/case/<int:rid>/full")
+    @app.get("/case/<id:rid>/full")
     def full(rid: int) -> str:
         row = case_or_404(rid)
         shown, why = image_state(row)
         return render_template("full.html", r=row, shown=shown, why_no_image=why, qs=urlencode(filters().query_args()))
 
-    @app.post("/case/<int:rid>/review")
+    @app.post("/case/<id:rid>/review")
     def review(rid: int) -> Response:
         if not csrf_ok():
             return page_error(403, "Form expired", "The verdict form could not be verified (its security token is "
@@ -266,7 +275,7 @@ def create_app(cfg: ReviewConfig) -> Flask:
 
     # --- files ---------------------------------------------------------------------------------------
 
-    @app.get("/image/<int:rid>")
+    @app.get("/image/<id:rid>")
     def image(rid: int) -> Response:
         row = case_or_404(rid)
         try:
@@ -282,7 +291,7 @@ def create_app(cfg: ReviewConfig) -> Flask:
                               "image any more); open it with an image viewer.")
         return Response(data, mimetype=MIME[fmt], headers={"Cache-Control": "private, max-age=300"})
 
-    @app.get("/heatmap/<int:rid>/<label>.png")
+    @app.get("/heatmap/<id:rid>/<label>.png")
     def heatmap(rid: int, label: str) -> Response:
         row = case_or_404(rid)
         hm = heatmaps.get(row, label, (processed,))
@@ -302,7 +311,7 @@ def create_app(cfg: ReviewConfig) -> Flask:
         return render_template("quarantine.html", rows=rows, counts=rdb.counts(conn()),
                                more=rows[-1]["id"] if len(rows) == 100 else None)
 
-    @app.get("/quarantine/<int:qid>")
+    @app.get("/quarantine/<id:qid>")
     def quarantine_item(qid: int) -> str:
         row = rdb.quarantine_row(conn(), qid)
         if row is None:
