@@ -86,8 +86,7 @@ def test_case_page_shows_everything_and_says_why_no_heatmap(client, site) -> Non
     assert r["model_id"] in page and r["model_variant"] in page and r["sha256"] in page
     assert "Sharpness" in page and str(r["sharpness"]) in page
     assert 'id="photo"' in page
-    if "format_version" in page or 'id="heatmap"' not in page:  # bundles before format 3: a sentence, not a map
-        assert "no heatmap: this bundle has no feature output (format" in page
+    assert 'id="heatmap"' in page or "no heatmap: this bundle has no feature output (format" in page
     img = get(client, f"/image/{r['id']}")
     assert img.status_code == 200 and img.mimetype == "image/jpeg"
     assert img.data == Path(r["stored_path"]).read_bytes()
@@ -160,8 +159,7 @@ def test_verdict_is_stored_append_only_and_shown(client, site) -> None:
     assert [(g["agree"], g["diagnosis"], g["action"]) for g in got] == [(1, "mel", "excise"), (0, "other", "refer")]
     assert got[0]["result_sha256"] == rows(site.db, "SELECT sha256 FROM results WHERE id = ?", (rid,))[0][0]
     wl = get(client, "/").get_data(as_text=True)
-    assert "disagree: other, refer" in wl and "<b>" not in wl.split('id="worklist"')[1].split("</table>")[0].replace(
-        "<b>", "", 0) or True
+    assert "disagree: other, refer" in wl
     assert "seborrhoeic keratosis &lt;b&gt;" in get(client, f"/case/{rid}").get_data(as_text=True)
     assert ids_on(get(client, "/?reviewed=yes").get_data(as_text=True)) == [rid]
     assert rid not in ids_on(get(client, "/?reviewed=no").get_data(as_text=True))

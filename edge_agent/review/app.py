@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 CSRF_COOKIE = "edge_review_csrf"
 MAX_FORM_BYTES = 64 * 1024
 MAX_IMAGE_BYTES = 100 << 20
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; "
+CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 
 
