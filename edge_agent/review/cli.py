@@ -78,8 +78,9 @@ def serve_or_export(s: Settings, host: str, port: int, export_dir: Path | None, 
                                   trust=trust, allowed_hosts=allowed, providers=s.providers, max_pixels=s.max_pixels))
     try:
         server = make_server(host, port, app, threaded=True)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); is another review app running? pass "
+    except (OSError, SystemExit) as e:  # werkzeug prints its own hint and exits 1 on a busy port
+        why = e.strerror if isinstance(e, OSError) else "address in use or not available"
+        raise ConfigError(f"cannot listen on {host}:{port} ({why}); is another review app running? pass "
                           "another --port") from None
 
     def stop(signum: int, frame: Any) -> None:
