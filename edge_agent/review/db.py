@@ -333,15 +333,41 @@ def parse_verdict(form: Any, labels: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+_READ_ACTIONS = {sqlite3.SQLITE_READ, sqlite3.SQLITE_SELECT, sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_FUNCTION}
+_PRAGMAS_ALLOWED = {"busy_timeout", "foreign_keys"}
+
+
+def _only_insert_reviews(action: int, arg1: str | None, arg2: str | None, db_name: str | None,
+                         source: str | None) -> int:
+    """SQLite authorizer of the verdict connection: reads, transactions, the two pragmas it sets, and INSERT
+    INTO reviews; everything else (UPDATE/DELETE anywhere, INSERT elsewhere, DDL, ATTACH) is denied by SQLite
+    itself, whatever SQL reaches this connection. (The triggers that keep reviews append-only run as part of
+    an INSERT's program; they are never reached by an INSERT.)"""
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_INSERT and arg1 == "reviews":
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1 in _PRAGMAS_ALLOWED:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
 class ReviewWriter:
-    """The review app's only writing connection: it INSERTs into reviews and nothing else."""
+    """The review app's only writing connection: it INSERTs into reviews and nothing else (an SQLite
+    authorizer denies every other write, see _only_insert_reviews)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def connect(self) -> sqlite3.Connection:
+        """The verdict connection: autocommit (explicit BEGIN IMMEDIATE), short busy timeout, authorizer on."""
+        conn = sqlite3.connect(str(self.path), timeout=VERDICT_BUSY_MS / 1000, isolation_level=None)
+        conn.set_authorizer(_only_insert_reviews)
+        return conn
+
     def add(self, result_id: int, verdict: dict[str, Any]) -> int:
         try:
-            conn = sqlite3.connect(str(self.path), timeout=VERDICT_BUSY_MS / 1000, isolation_level=None)
+            conn = self.connect()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the database {self.path} to store the verdict ({e})") from None
         try:
