@@ -28,8 +28,6 @@ ACTIONS = {"none": "none", "follow_up": "follow-up", "excise": "excise", "refer"
 REVIEWED_CHOICES = ("all", "no", "yes")
 MAX_TEXT = {"reviewer": 120, "diagnosis": 64, "histopathology": 2000, "note": 4000}
 
-# The worklist key: the index expression of idx_results_worklist, in the same order.
-_KEY = "needs_review, coalesce(p_high_risk, -1.0), id"
 _ORDER_DESC = " ORDER BY needs_review DESC, coalesce(p_high_risk, -1.0) DESC, id DESC"
 _ORDER_ASC = " ORDER BY needs_review ASC, coalesce(p_high_risk, -1.0) ASC, id ASC"
 _LIST_COLS = ("id, sha256, original_name, processed_at, received_at, label, label_name, confidence, p_high_risk, "
@@ -183,36 +181,46 @@ class Page:
     total: int
 
 
+def _walk(conn: sqlite3.Connection, where: list[str], params: list[Any], key: tuple[int, float, int] | None,
+          n: int, forward: bool) -> list[dict[str, Any]]:
+    """Up to n rows strictly after `key` in worklist order (forward) or strictly before it (backwards, nearest
+    first). The condition "(needs_review, risk, id) < key" is asked as three range queries that each use
+    idx_results_worklist as an index range (SQLite uses an expression index for `=`/`<` on the expression,
+    not for a row-value or OR condition), so a page deep in 100,000 rows costs what the first page costs."""
+    order, lt = (_ORDER_DESC, "<") if forward else (_ORDER_ASC, ">")
+    if key is None:
+        steps: list[tuple[str, tuple[Any, ...]]] = [("", ())]
+    else:
+        nr, rk, rid = key
+        steps = [(f"needs_review = ? AND coalesce(p_high_risk, -1.0) = ? AND id {lt} ?", (nr, rk, rid)),
+                 (f"needs_review = ? AND coalesce(p_high_risk, -1.0) {lt} ?", (nr, rk)),
+                 (f"needs_review {lt} ?", (nr,))]
+    out: list[dict[str, Any]] = []
+    for cond, extra in steps:
+        if len(out) >= n:
+            break
+        conds = [*where, cond] if cond else list(where)
+        sql = f"SELECT {_LIST_COLS} FROM results" + (" WHERE " + " AND ".join(conds) if conds else "") + order
+        out += [dict(r) for r in conn.execute(sql + " LIMIT ?", (*params, *extra, n - len(out)))]
+    return out
+
+
 def worklist(conn: sqlite3.Connection, f: Filters, after: str = "", before: str = "", end: bool = False) -> Page:
     """One page of the worklist: from the top, after a cursor, before a cursor, or the last page (end)."""
     where, params = f.where()
-    base = " WHERE " + " AND ".join(where) if where else ""
     k_after, k_before = decode_key(after), decode_key(before)
     n = f.size
     if k_before is not None or end:
-        cond = list(where)
-        p = list(params)
-        if k_before is not None:
-            cond.append(f"({_KEY}) > (?, ?, ?)")
-            p.extend(k_before)
-        sql = f"SELECT {_LIST_COLS} FROM results" + (" WHERE " + " AND ".join(cond) if cond else "") + _ORDER_ASC
-        rows = [dict(r) for r in conn.execute(sql + " LIMIT ?", (*p, n + 1))]
-        more_before = len(rows) > n
+        rows = _walk(conn, where, params, k_before, n + 1, forward=False)
+        first = len(rows) <= n
         rows = rows[:n][::-1]
-        first, last = not more_before, end or k_before is None
-        if k_before is not None:
-            last = False
+        last = k_before is None
     else:
-        cond = list(where)
-        p = list(params)
-        if k_after is not None:
-            cond.append(f"({_KEY}) < (?, ?, ?)")
-            p.extend(k_after)
-        sql = f"SELECT {_LIST_COLS} FROM results" + (" WHERE " + " AND ".join(cond) if cond else "") + _ORDER_DESC
-        rows = [dict(r) for r in conn.execute(sql + " LIMIT ?", (*p, n + 1))]
+        rows = _walk(conn, where, params, k_after, n + 1, forward=True)
         last = len(rows) <= n
         rows = rows[:n]
         first = k_after is None
+    base = " WHERE " + " AND ".join(where) if where else ""
     total = conn.execute("SELECT count(*) FROM results" + base, params).fetchone()[0]
     _attach_reviews(conn, rows)
     return Page(rows, first, last, int(total))
@@ -234,13 +242,9 @@ def neighbours(conn: sqlite3.Connection, f: Filters, row: dict[str, Any]) -> tup
     where, params = f.where()
     key = (int(row["needs_review"]), float(row["p_high_risk"] if row["p_high_risk"] is not None else -1.0),
            int(row["id"]))
-    out: list[int | None] = []
-    for op, order in ((">", _ORDER_ASC), ("<", _ORDER_DESC)):
-        cond = [*where, f"({_KEY}) {op} (?, ?, ?)"]
-        r = conn.execute(f"SELECT id FROM results WHERE {' AND '.join(cond)}{order} LIMIT 1",
-                         (*params, *key)).fetchone()
-        out.append(None if r is None else int(r[0]))
-    return out[0], out[1]
+    prev = _walk(conn, where, params, key, 1, forward=False)
+    nxt = _walk(conn, where, params, key, 1, forward=True)
+    return (int(prev[0]["id"]) if prev else None), (int(nxt[0]["id"]) if nxt else None)
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
