@@ -117,12 +117,12 @@ def _label(code: str | None, names: dict[str, str]) -> str:
 
 def _bars(probs: dict[str, float], names: dict[str, str], high: set[str]) -> str:
     items = sorted(probs.items(), key=lambda kv: -kv[1])
-    out = [f'<svg class="bars" viewBox="0 0 400 {26 * len(items) + 4}" role="img" aria-label="class probabilities">']
+    out = [f'<svg class="bars" viewBox="0 0 400 {36 * len(items) + 4}" role="img" aria-label="class probabilities">']
     for i, (code, p) in enumerate(items):
-        w = round(max(0.0, min(1.0, p)) * 180, 1)
-        out.append(f'<g transform="translate(0,{26 * i + 2})"><text x="0" y="16">{html.escape(_label(code, names))}</text>'
-                   f'<rect x="170" y="3" width="{w}" height="16" class="{"barhi" if code in high else "bar"}"></rect>'
-                   f'<text x="{176 + w}" y="16">{p * 100:.1f} %</text></g>')
+        w = round(max(0.0, min(1.0, p)) * 320, 1)
+        out.append(f'<g transform="translate(0,{36 * i + 2})"><text x="0" y="12">{html.escape(_label(code, names))}</text>'
+                   f'<rect x="0" y="17" width="{w}" height="13" class="{"barhi" if code in high else "bar"}"></rect>'
+                   f'<text x="{6 + w}" y="29">{p * 100:.1f} %</text></g>')
     out.append("</svg>")
     return "".join(out)
 
