@@ -137,6 +137,11 @@ def test_filters_label_reason_reviewed_date(client, site) -> None:
     got = ids_on(get(client, "/?reason=high_risk").get_data(as_text=True))
     assert set(got) == {r[0] for r in rows(site.db, "SELECT id FROM results WHERE review_reasons LIKE '%high_risk%'")}
     assert ids_on(get(client, "/?since=2999-01-01").get_data(as_text=True)) == []
+    from datetime import date
+
+    today = date.today().isoformat()  # "until <today>" includes today (local dates, as typed)
+    assert len(ids_on(get(client, f"/?since={today}&until={today}").get_data(as_text=True))) == 9
+    assert ids_on(get(client, "/?until=2000-01-01").get_data(as_text=True)) == []
     assert len(ids_on(get(client, "/?since=7d").get_data(as_text=True))) == 9
     for bad in ("/?label=nonsense", "/?reason=<x>", "/?reviewed=maybe", "/?since=last+tuesday"):
         r = get(client, bad)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..query import REASON_WORDS, QUALITY_WORDS, parse_since
 from ..store import SCHEMA_VERSION, StoreError, connect, db_text, migrate, now_iso
 
 VERDICT_BUSY_MS = 3000
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PAGE_SIZES = (25, 50, 100, 200)
 ACTIONS = {"none": "none", "follow_up": "follow-up", "excise": "excise", "refer": "refer"}
 REVIEWED_CHOICES = ("all", "no", "yes")
@@ -93,6 +96,8 @@ class Filters:
             raw = str(args.get(name, "") or "").strip()[:64]
             if raw:
                 try:
+                    if name == "until" and _DATE_ONLY.match(raw):  # "until 2026-11-28" includes that day
+                        raw = (date.fromisoformat(raw) + timedelta(days=1)).isoformat()
                     setattr(f, name, parse_since(raw))
                 except ValueError as e:
                     f.problems.append(str(e))
