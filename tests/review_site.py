@@ -24,12 +24,23 @@ class Site:
         return self.dirs["db"]
 
 
-def make_site(dirs: dict[str, Path], bundle: Path, n: int = 8) -> Site:
+def make_site(dirs: dict[str, Path], bundle: Path, n: int = 8, more_quarantine: bool = False) -> Site:
     images = sorted(EXAMPLES.glob("*.jpg"))
     for p in images[:n]:
         shutil.copy(p, dirs["inbox"] / p.name)
     shutil.copy(images[n], dirs["inbox"] / SCRIPT_FILE)
     (dirs["inbox"] / "<b>notes<b>.txt").write_text("not an image")
+    if more_quarantine:  # a few more kinds of refusal, for the quarantine page's screenshot
+        import cv2
+        import numpy as np
+
+        (dirs["inbox"] / "referral letter.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< >>\nendobj\n")
+        ok, png = cv2.imencode(".png", np.full((12, 16, 3), 128, np.uint8))
+        (dirs["inbox"] / "icon.png").write_bytes(png.tobytes())
+        ok, big = cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))
+        data = bytearray(big.tobytes())
+        data[16:24] = (100000).to_bytes(4, "big") * 2  # the header claims 100000 x 100000 pixels
+        (dirs["inbox"] / "bomb.png").write_bytes(bytes(data))
     code, _ = scan_now(dirs, bundle)
     assert code == 0
     return Site(dirs, bundle)

@@ -68,7 +68,7 @@ def test_review_in_a_real_browser(dirs, bundle_dir, tmp_path, procs, browser) ->
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     bundle = Path(os.environ.get("REVIEW_TEST_BUNDLE") or bundle_dir)
-    site = make_site(dirs, bundle)
+    site = make_site(dirs, bundle, more_quarantine=True)
     proc, url = start_review(dirs, bundle, tmp_path / "review.log")
     procs.append(proc)
     wait = WebDriverWait(browser, 60)
@@ -101,6 +101,11 @@ def test_review_in_a_real_browser(dirs, bundle_dir, tmp_path, procs, browser) ->
         assert "no heatmap: this bundle has no feature output" in browser.find_element(By.ID, "no-heatmap").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars rect")) == 7
     shot(browser, tmp_path, "case")
+    browser.set_window_size(820, 1180)  # a tablet, portrait: the columns stack, nothing is cut off
+    wait.until(lambda d: d.execute_script("return window.innerWidth") <= 820)
+    assert browser.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
+    shot(browser, tmp_path, "case-tablet")
+    browser.set_window_size(1440, 1000)
 
     # keyboard: right arrow = next case in the worklist, left arrow = back
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
