@@ -439,6 +439,35 @@ def sign(bundle_dir: Path, key_path: Path) -> None:
     _verify_or_exit(bundle_dir, signing_key=key_path, require_signature=True)
 
 
+@main.command("upgrade-bundle")
+@click.argument("bundle_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--data", type=str, multiple=True, required=True,
+              help="the bundle's training sources, NAME=PATH (repeatable): the OOD statistics are fitted on its "
+                   "train split and thresholded on its validation split (split.csv in the bundle)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="new, empty bundle folder")
+@signing_key_option
+@click.option("--ood-quantile", type=click.FloatRange(0.5, 0.9999), default=0.98, show_default=True,
+              help="share of validation images the OOD threshold leaves unflagged")
+@click.option("--max-fit-images", type=click.IntRange(100, 100_000), default=4000, show_default=True,
+              help="training images (random subset) the OOD statistics are fitted on")
+@click.option("--threads", type=int, default=2, show_default=True)
+def upgrade_bundle(bundle_dir: Path, data: tuple[str, ...], out: Path, signing_key: Path | None, ood_quantile: float,
+                   max_fit_images: int, threads: int) -> None:
+    """Make a format-3 copy of a bundle: the same weights, thresholds and temperature, plus the feature-map output
+    and classifier weights (heatmaps in `edge-agent review`) and out-of-distribution statistics (the agent's
+    `out_of_distribution` review reason). The logits are checked to be identical; the copy gets a new model_id."""
+    from edge_agent.bundle import BundleError
+
+    from .explain import ExplainError, upgrade_bundle as run
+
+    _check_signing_key(signing_key)
+    try:
+        run(bundle_dir, out, list(data), signing_key, ood_quantile, max_fit_images, threads, _log)
+    except (ExplainError, BundleError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    _verify_or_exit(out, signing_key=signing_key)
+
+
 @main.command()
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="bundle folder (default: the agent's bundled model)")

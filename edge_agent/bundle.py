@@ -30,14 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV and signing the cryptography library,
     # which `status`/`results` (they import LABEL_RE from here) never need
+    from .features import Head
+    from .ood import OodModel
     from .preprocess import Preprocessing
     from .signing import SignatureCheck, Trust
 
-# Version 2 adds the optional `tta` (test-time augmentation) key. A bundle declares the lowest
-# version whose features it uses (`required_format_version`), so bundles without TTA stay
-# version 1 and keep running on older agents, and an older agent refuses a TTA bundle instead
-# of silently computing other numbers than the bundle's report.
-FORMAT_VERSION = 2
+# Version 2 adds the optional `tta` (test-time augmentation) key; version 3 the optional `features`
+# block (a second model output, the last feature map, and the classifier weights: heatmaps) and
+# `ood` block (out-of-distribution statistics, ood.py). A bundle declares the lowest version whose
+# features it uses (`required_format_version`), so bundles without them stay at 1 or 2 and keep
+# running on older agents, and an older agent refuses a newer bundle instead of silently computing
+# other numbers than the bundle's report (or silently skipping its OOD check).
+FORMAT_VERSION = 3
 TTA_MODES = ("none", "hflip")
 MANIFEST = "manifest.json"
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -256,19 +260,47 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
 
 def required_format_version(manifest: dict[str, Any]) -> int:
     """The lowest format version that has every feature this manifest uses (the builder writes this)."""
+    if "features" in manifest or "ood" in manifest:
+        return 3
     return 2 if manifest.get("tta", "none") != "none" else 1
+
+
+def _check_format3(m: dict[str, Any], rep: BundleReport) -> None:
+    """The `features` and `ood` blocks: types, and files that the manifest checksums."""
+    err = rep.errors.append
+    files = m.get("files") or {}
+    feats, ood = m.get("features"), m.get("ood")
+    if feats is not None:
+        if not (isinstance(feats, dict) and isinstance(feats.get("output"), str) and feats["output"]
+                and isinstance(feats.get("head"), str)):
+            err("manifest 'features' must be {'output': <tensor name>, 'head': <file>}; rebuild the bundle")
+        elif feats["head"] not in files:
+            err(f"features.head {feats['head']!r} is not listed (checksummed) in manifest files; rebuild the bundle")
+        elif feats["output"] == m.get("output", {}).get("name"):
+            err("features.output names the logits tensor; it must be the feature map; rebuild the bundle")
+    if ood is not None:
+        if not (isinstance(ood, dict) and isinstance(ood.get("file"), str) and isinstance(ood.get("method"), str)
+                and isinstance(ood.get("thresholds"), dict)):
+            err("manifest 'ood' must be {'file': <file>, 'method': <name>, 'thresholds': {variant: number}}; "
+                "rebuild the bundle")
+        elif ood["file"] not in files:
+            err(f"ood.file {ood['file']!r} is not listed (checksummed) in manifest files; rebuild the bundle")
+        elif feats is None:
+            err("manifest has 'ood' statistics but no 'features' output to compute them from; rebuild the bundle")
 
 
 def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
     """Every field the agent uses, with its type: a manifest is data from a file, and a wrong type must be a
     clear refusal here, never an exception later (in `model info`, at load, or mid-scan)."""
     err = rep.errors.append
-    if "tta" in m:
-        if m["tta"] not in TTA_MODES:
-            err(f"manifest key 'tta' is {m['tta']!r}; this agent knows {list(TTA_MODES)}: upgrade edge-agent or rebuild the bundle")
-        elif m.get("format_version", 1) < required_format_version(m):
-            err(f"manifest uses test-time augmentation ({m['tta']!r}) but declares format_version "
-                f"{m.get('format_version')}; older agents would ignore it: rebuild the bundle with a current build-model")
+    if "tta" in m and m["tta"] not in TTA_MODES:
+        err(f"manifest key 'tta' is {m['tta']!r}; this agent knows {list(TTA_MODES)}: upgrade edge-agent or rebuild the bundle")
+    elif m.get("format_version", 1) < required_format_version(m):
+        used = [k for k in ("tta", "features", "ood") if k in m and m[k] != "none"]
+        err(f"manifest uses {', '.join(used)} (format version {required_format_version(m)}) but declares "
+            f"format_version {m.get('format_version')}; older agents would ignore it: rebuild the bundle with a "
+            "current build-model")
+    _check_format3(m, rep)
     for key, typ in (("model_id", str), ("labels", list), ("high_risk_labels", list), ("preprocessing", dict),
                      ("input", dict), ("output", dict), ("models", dict), ("primary", str), ("thresholds", dict)):
         if not isinstance(m.get(key), typ):
@@ -442,6 +474,9 @@ class Bundle:
     manifest_sha256: str = ""  # sha256 of the manifest bytes that were verified and parsed (in every result row)
     signature: SignatureCheck | None = None  # how the manifest's signature was accepted (valid, or allowed unsigned)
     tta: str = "none"  # "hflip": logits are the mean over the image and its mirror image
+    features_output: str | None = None  # format 3: name of the feature-map output (None: no heatmaps, no OOD)
+    head: Head | None = field(default=None, compare=False)  # format 3: the classifier's weights, for class activation maps
+    ood: OodModel | None = field(default=None, compare=False)  # format 3: out-of-distribution statistics (None: no OOD check)
 
     @property
     def input_size(self) -> int:
@@ -449,12 +484,32 @@ class Bundle:
 
     def model_bytes(self, variant: str) -> bytes:
         """The variant's ONNX bytes, re-hashed now, so the bytes that run are the bytes that were verified."""
-        spec = self.variants[variant]
-        data = (self.path / spec.file).read_bytes()
-        if hashlib.sha256(data).hexdigest() != self.file_hashes[spec.file]:
-            raise BundleError(f"{self.path / spec.file} changed after the bundle was verified (sha256 mismatch): "
+        return self.file_bytes(self.variants[variant].file)
+
+    def file_bytes(self, name: str) -> bytes:
+        """A listed file's bytes, re-hashed now (see model_bytes)."""
+        data = (self.path / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.file_hashes[name]:
+            raise BundleError(f"{self.path / name} changed after the bundle was verified (sha256 mismatch): "
                               "someone is modifying the bundle; re-copy it and restart the agent")
         return data
+
+    @property
+    def why_no_heatmap(self) -> str | None:
+        """None when heatmaps can be computed, else the reason in words (for the review app)."""
+        if self.head is not None and self.features_output:
+            return None
+        return (f"this model bundle (format version {self.manifest.get('format_version')}) has no feature output; "
+                "heatmaps need a bundle of format 3 or later (`build-model upgrade-bundle`)")
+
+    @property
+    def why_no_ood(self) -> str | None:
+        """None when images get an out-of-distribution score, else the reason in words (status, model info)."""
+        if self.ood is not None:
+            return None
+        return (f"this model bundle (format version {self.manifest.get('format_version')}) carries no "
+                "out-of-distribution statistics, so images unlike the training data are not flagged as such; "
+                "use a bundle of format 3 (`build-model upgrade-bundle`)")
 
 
 def load_bundle(path: str | Path, trust: Trust | None = None) -> Bundle:
@@ -466,7 +521,7 @@ def load_bundle(path: str | Path, trust: Trust | None = None) -> Bundle:
     rep.raise_for_errors()
     m = rep.manifest
     assert m is not None
-    return Bundle(
+    b = Bundle(
         path=Path(path),
         manifest=m,
         model_id=m["model_id"],
@@ -486,3 +541,25 @@ def load_bundle(path: str | Path, trust: Trust | None = None) -> Bundle:
         manifest_sha256=rep.manifest_sha256 or "",
         signature=rep.signature,
     )
+    return _with_format3(b, m)
+
+
+def _with_format3(b: Bundle, m: dict[str, Any]) -> Bundle:
+    """Load the head weights and OOD statistics from their verified bytes (a bad file: BundleError)."""
+    from dataclasses import replace
+
+    from .features import FeatureError, load_head
+    from .ood import OodError, load as load_ood
+
+    feats, ood = m.get("features"), m.get("ood")
+    if feats is None:
+        return b
+    try:
+        head = load_head(b.file_bytes(feats["head"]), len(b.labels))
+        stats = load_ood(b.file_bytes(ood["file"]), ood, sorted(b.variants)) if ood is not None else None
+    except (FeatureError, OodError) as e:
+        raise BundleError(f"refusing to use the model bundle {b.path}:\n  - {e}") from None
+    if stats is not None and stats.feature_dim != head.feature_dim:
+        raise BundleError(f"refusing to use the model bundle {b.path}:\n  - the OOD statistics have "
+                          f"{stats.feature_dim} features but the classifier reads {head.feature_dim}; rebuild the bundle")
+    return replace(b, features_output=feats["output"], head=head, ood=stats)

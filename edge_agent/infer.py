@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle, BundleError
 from .config import ConfigError
+from .features import check_maps, pool
 
 log = logging.getLogger(__name__)
 ORT_LOG_ERROR = 3  # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
@@ -96,9 +97,10 @@ class Engine:
         sess = ort.InferenceSession(self.bundle.model_bytes(variant), sess_options=so, providers=self.providers)
         inputs = {i.name: i for i in sess.get_inputs()}
         outputs = {o.name for o in sess.get_outputs()}
-        if self.bundle.input_name not in inputs or self.bundle.output_name not in outputs:
+        wanted = [self.bundle.output_name] + ([self.bundle.features_output] if self.bundle.features_output else [])
+        if self.bundle.input_name not in inputs or not set(wanted) <= outputs:
             raise InferenceError(f"{variant} model has inputs {sorted(inputs)} and outputs {sorted(outputs)}, but the "
-                                 f"manifest says input {self.bundle.input_name!r} and output {self.bundle.output_name!r}; "
+                                 f"manifest says input {self.bundle.input_name!r} and outputs {wanted}; "
                                  "rebuild the bundle")
         return sess
 
@@ -130,32 +132,51 @@ class Engine:
             raise InferenceError(f"the fallback {b.fallback} model cannot be loaded either ({_short(e)}); "
                                  "rebuild or re-copy the bundle") from e
 
-    def _run(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    def _run(self, sess: ort.InferenceSession, x: np.ndarray, pooled: bool = False
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits, and with `pooled` (format-3 bundles) the pooled features, averaged over the TTA views."""
         if self.bundle.tta == "hflip":
             # One batch of 2N (image and mirror image), then the mean of the two logits per image:
             # the arithmetic the build evaluated and calibrated (build_model/train.predict_logits).
-            both = self._run_once(sess, np.ascontiguousarray(np.concatenate([x, x[..., ::-1]])))
-            return (both[:len(x)] + both[len(x):]) / 2
-        return self._run_once(sess, x)
+            both, f = self._run_once(sess, np.ascontiguousarray(np.concatenate([x, x[..., ::-1]])), pooled)
+            n = len(x)
+            return (both[:n] + both[n:]) / 2, None if f is None else (f[:n] + f[n:]) / 2
+        return self._run_once(sess, x, pooled)
 
-    def _run_once(self, sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-        out = sess.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
-        out = np.asarray(out)
-        if out.shape != (x.shape[0], len(self.bundle.labels)):
-            raise InferenceError(f"model output has shape {out.shape}, expected {(x.shape[0], len(self.bundle.labels))} "
+    def _run_once(self, sess: ort.InferenceSession, x: np.ndarray, pooled: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+        maps = self._outputs(sess, x, pooled)
+        return maps[0], None if len(maps) == 1 else pool(maps[1])
+
+    def _outputs(self, sess: ort.InferenceSession, x: np.ndarray, features: bool) -> list[np.ndarray]:
+        b = self.bundle
+        names = [b.output_name] + ([b.features_output] if features and b.features_output else [])
+        res = [np.asarray(o) for o in sess.run(names, {b.input_name: x})]
+        out = res[0]
+        if out.shape != (x.shape[0], len(b.labels)):
+            raise InferenceError(f"model output has shape {out.shape}, expected {(x.shape[0], len(b.labels))} "
                                  f"(one logit per manifest label); the model does not match its manifest")
         if not np.all(np.isfinite(out)):
             raise InferenceError("model output is not finite (NaN or infinity): the model is broken")
-        return out
+        if len(res) > 1:
+            problem = check_maps(res[1], x.shape[0], b.head.feature_dim if b.head is not None else None)
+            if problem:
+                raise InferenceError(f"{problem}; the model does not match its manifest: rebuild the bundle")
+        return res
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, str]:
         """Logits for a float32 NCHW batch and the variant that produced them."""
+        logits, _, variant = self.infer_features(x, pooled=False)
+        return logits, variant
+
+    def infer_features(self, x: np.ndarray, pooled: bool = True) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """Logits, pooled features (N x C; None for bundles without a feature output) and the variant."""
         with self._lock:
             if self._session is None:
                 self.load()
             assert self._session is not None and self.variant is not None
             try:
-                return self._run(self._session, x), self.variant
+                return (*self._run(self._session, x, pooled), self.variant)
             except Exception as e:
                 b = self.bundle
                 if self.variant == b.fallback or b.fallback is None:
@@ -166,10 +187,21 @@ class Engine:
                 self.on_event("fallback", f"{self.variant} failed to run: {_short(e)}; using {b.fallback}")
                 self._switch_to_fallback()
                 try:
-                    return self._run(self._session, x), self.variant
+                    return (*self._run(self._session, x, pooled), self.variant)
                 except Exception as e2:
                     raise InferenceError(f"the fallback {self.variant} model failed to run too ({_short(e2)}); images stay "
                                          "in the inbox - rebuild the bundle") from e2
+
+    def feature_maps(self, x: np.ndarray) -> np.ndarray | None:
+        """The last feature maps (N x C x h x w) of a preprocessed batch, without TTA, for heatmaps; None when
+        the bundle has no feature output. Runs on the variant in use (loaded on first call)."""
+        if not self.bundle.features_output:
+            return None
+        with self._lock:
+            if self._session is None:
+                self.load()
+            assert self._session is not None
+            return self._outputs(self._session, x, True)[1]
 
     def prepare_reference(self) -> None:
         """Open the FP32 spot-check model ahead of the first spot-check (from a spare thread): opening it
@@ -198,7 +230,7 @@ class Engine:
         if not self.can_spot_check:
             return None
         try:
-            return self._run(self._reference_session(), x)
+            return self._run(self._reference_session(), x)[0]
         except Exception as e:
             self._disable_reference(e)
             return None

@@ -661,9 +661,10 @@ class Agent:
 
     def _infer_batch(self, batch: list[Job]) -> None:
         x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
-        logits, variant = self.engine.infer(x)
         b, policy = self.bundle, self.policy
+        logits, pooled, variant = self.engine.infer_features(x, pooled=b.ood is not None)
         probs = softmax(logits, b.temperature)
+        ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
         ref: dict[int, np.ndarray] = {}
         if self.engine.can_spot_check:
             idx = [i for i, j in enumerate(batch) if j.sha256 and self._spot_selected(j.sha256)]
@@ -682,8 +683,10 @@ class Agent:
                 mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
                 spot_label = theirs.label
                 disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree)
+            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
+                       out_of_distribution=ood is not None and bool(b.ood.flags(ood[i], variant)))
             row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
+                             ood_score=None if ood is None else round(float(ood[i]), 4),
                              variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
                              manifest_sha256=b.manifest_sha256, policy=self.policy_json,
                              spot_checked=i in ref, spot_label=spot_label,
@@ -740,7 +743,7 @@ def _database_fault(e: BaseException) -> bool:
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,
                label_name: str, spot_checked: bool, spot_label: str | None, latency_ms: float,
-               manifest_sha256: str, policy: str) -> dict[str, Any]:
+               manifest_sha256: str, policy: str, ood_score: float | None = None) -> dict[str, Any]:
     """The `results` columns of one screened image (triage `t`, decoded image `d`), shared with the benchmark.
     manifest_sha256 and policy (Policy.to_json) record what the result was produced under (provenance.py)."""
     return {
@@ -755,5 +758,5 @@ def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str,
         "clipped_dark": d.quality.clipped_dark, "clipped_bright": d.quality.clipped_bright,
         "image_format": d.header.format, "width": d.header.width, "height": d.header.height,
         "decode_reduction": d.reduction, "spot_checked": int(spot_checked), "spot_label": spot_label,
-        "latency_ms": latency_ms,
+        "latency_ms": latency_ms, "ood_score": ood_score,
     }

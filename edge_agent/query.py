@@ -39,7 +39,7 @@ _DUPLICATE_ORDER = {"newest": " ORDER BY d.recorded_at DESC, d.id DESC", "oldest
 
 # Words for the machine codes stored in the database.
 REASON_WORDS = {"high_risk": "high risk", "low_confidence": "low confidence", "poor_quality": "poor quality",
-                "model_disagreement": "models disagree"}
+                "model_disagreement": "models disagree", "out_of_distribution": "unlike the training images"}
 QUALITY_WORDS = {"blurry": "blurry", "too_dark": "too dark", "overexposed": "overexposed"}
 FILE_STATE_WORDS = {"deleted": "(deleted after screening)", "missing": "(missing: neither in the inbox nor stored)",
                     "replaced": "(replaced in the inbox by another file)"}

@@ -31,7 +31,7 @@ from typing import Any
 from .bundle import LABEL_RE
 from .share import Share
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
 # created before it was set have 0 and are recognised by their tables instead.
 APPLICATION_ID = 0x45644167
@@ -336,6 +336,14 @@ def _migration_2(db: Any) -> None:
         db.conn.execute("ALTER TABLE results ADD COLUMN policy TEXT")
 
 
+def _migration_ood(db: Any) -> None:
+    """`ood_score` of each result (ood.py): how unlike the training images its features were. NULL for rows from
+    before this migration and for rows produced by bundles without OOD statistics (format < 3)."""
+    have = {r[1] for r in db.conn.execute("PRAGMA table_info(results)")}
+    if "ood_score" not in have:
+        db.conn.execute("ALTER TABLE results ADD COLUMN ood_score REAL")
+
+
 # The worklist order of the review app (review/db.py): cases needing review first, then by calibrated
 # P(malignant), then newest id. An index on exactly these expressions lets keyset paging read one page
 # (LIMIT n) instead of sorting every row: constant time per page at 100,000 results.
@@ -376,7 +384,8 @@ def _migration_reviews(db: Any) -> None:
 
 MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1),
                                           (2, "results.manifest_sha256 and results.policy", _migration_2),
-                                          (3, "reviews (append-only), latest_reviews, results_reviewed, worklist "
+                                          (3, "results.ood_score", _migration_ood),
+                                          (4, "reviews (append-only), latest_reviews, results_reviewed, worklist "
                                               "index", _migration_reviews)]
 
 

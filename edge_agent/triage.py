@@ -111,7 +111,8 @@ class Triage:
         return bool(self.reasons)
 
 
-def triage(probs: np.ndarray, policy: Policy, poor_quality: bool = False, disagreement: bool = False) -> Triage:
+def triage(probs: np.ndarray, policy: Policy, poor_quality: bool = False, disagreement: bool = False,
+           out_of_distribution: bool = False) -> Triage:
     """Top label and machine-readable review reasons for one image's calibrated probabilities."""
     p = {lab: float(v) for lab, v in zip(policy.labels, probs, strict=True)}
     top = int(np.argmax(probs))
@@ -125,5 +126,7 @@ def triage(probs: np.ndarray, policy: Policy, poor_quality: bool = False, disagr
         reasons.append("poor_quality")
     if disagreement:
         reasons.append("model_disagreement")
+    if out_of_distribution:  # unlike the training images: the probabilities themselves are not to be trusted
+        reasons.append("out_of_distribution")
     return Triage(policy.labels[top], float(probs[top]), p, float(sum(p[x] for x in policy.high_risk_labels)),
                   tuple(reasons), hit)

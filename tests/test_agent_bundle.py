@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from bundle_factory import write_manifest
 from conftest import settings_for
-from edge_agent.bundle import BundleError, load_bundle, verify_bundle
+from edge_agent.bundle import FORMAT_VERSION, BundleError, load_bundle, verify_bundle
 from edge_agent.cli import main
 
 
@@ -60,7 +60,7 @@ def test_missing_file_is_refused(fresh_bundle: Path) -> None:
 
 
 def test_newer_format_version_is_refused(fresh_bundle: Path) -> None:
-    write_manifest(fresh_bundle, _manifest(fresh_bundle), format_version=3)
+    write_manifest(fresh_bundle, _manifest(fresh_bundle), format_version=FORMAT_VERSION + 1)
     rep = verify_bundle(fresh_bundle)
     assert not rep.ok and "newer than this agent understands" in rep.errors[0] and "upgrade edge-agent" in rep.errors[0]
 

@@ -4,6 +4,6 @@
   "algorithm": "ed25519",
   "key_id": "ed25519:e71b73ea07d03145",
   "public_key": "oXw3cNpxMu7RNsWDNhieh0xwY1IbSGSnxIZ2mKhufBs=",
-  "manifest_sha256": "f24a9fbcf7e65e1d2e7ac529c3fef77ee2f52b3e438d763a76e146b82da054a0",
-  "signature": "Jr7DEU0vtXyJDtwlrQjDnqMT8K1256b5jpwkpQNDdmxcH3oONuNFiHknp6IrwJRYKmYpPSPWIjY723SkiH/DDg=="
+  "manifest_sha256": "ed9d2c41727d507f8b5e2de3b6c72682fa8f1466f2a78c36ee9962fe859c0b17",
+  "signature": "36OZrZ8RJAFMiCpGLpoZQmaIHv0WRGHTOPxpHiRie6l3y5Ux7VjNNng/BK2babuQbGl8VQNS3dF2y/8mYhe9Bw=="
 }

@@ -67,11 +67,12 @@ class Heatmaps:
             self._why_not = f"no heatmap: the model bundle {self.bundle_path} cannot be loaded ({e})"
             return
         self._bundle = b
-        head = getattr(b, "head", None)
         version = b.manifest.get("format_version", "?") if isinstance(b.manifest, dict) else "?"
-        if head is None:
-            self._why_not = (f"no heatmap: this bundle has no feature output (format {version}); bundles of format 3 "
-                             "or later carry the feature map and classifier weights a heatmap needs")
+        why = getattr(b, "why_no_heatmap", "no feature output")
+        if getattr(b, "head", None) is None or why:
+            self._why_not = (f"no heatmap: this bundle has no feature output (format {version}); heatmaps need a "
+                             "bundle of format 3 or later, which carries the feature map and the classifier weights "
+                             "(`build-model upgrade-bundle`)")
             return
         try:
             eng = Engine(b, self.providers, self.threads)
