@@ -61,13 +61,15 @@ def natural_width(driver, css: str) -> int:
         "var i = document.querySelector(arguments[0]); return i && i.complete ? i.naturalWidth : 0;", css))
 
 
-def test_review_in_a_real_browser(dirs, bundle_dir, tmp_path, procs, browser) -> None:
+def test_review_in_a_real_browser(dirs, tmp_path, procs, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    bundle = Path(os.environ.get("REVIEW_TEST_BUNDLE") or bundle_dir)
+    from edge_agent.bundle import default_bundle_path
+
+    bundle = default_bundle_path()  # the shipped bundle: format 3, real heatmaps of a real model
     site = make_site(dirs, bundle, more_quarantine=True)
     proc, url = start_review(dirs, bundle, tmp_path / "review.log")
     procs.append(proc)
@@ -88,19 +90,18 @@ def test_review_in_a_real_browser(dirs, bundle_dir, tmp_path, procs, browser) ->
     links[0].click()
     wait.until(EC.presence_of_element_located((By.ID, "verdict")))
     wait.until(lambda d: natural_width(d, "#photo") > 0)
-    has_head = bool(browser.find_elements(By.ID, "heatmap"))
-    if has_head:
-        wait.until(lambda d: natural_width(d, "#heatmap") > 0)
-        heat = browser.find_element(By.ID, "heatmap")
-        photo = browser.find_element(By.ID, "photo")
-        assert heat.size["height"] > 0 and heat.size["height"] <= photo.size["height"] + 1
-        browser.execute_script("var o = document.getElementById('opacity'); o.value = 70;"
-                               "o.dispatchEvent(new Event('input'));")
-        assert browser.execute_script("return document.getElementById('heatmap').style.opacity") == "0.7"
-    else:
-        assert "no heatmap: this bundle has no feature output" in browser.find_element(By.ID, "no-heatmap").text
+    wait.until(lambda d: natural_width(d, "#heatmap") > 0)  # computed on demand from the feature output
+    heat = browser.find_element(By.ID, "heatmap")
+    photo = browser.find_element(By.ID, "photo")
+    assert 0 < heat.size["height"] <= photo.size["height"] + 1  # over the centre square the model saw
+    browser.execute_script("var o = document.getElementById('opacity'); o.value = 70;"
+                           "o.dispatchEvent(new Event('input'));")
+    assert browser.execute_script("return document.getElementById('heatmap').style.opacity") == "0.7"
+    shot(browser, tmp_path, "case")  # the predicted class's map at 70 %
+    Select(browser.find_element(By.ID, "heatclass")).select_by_value("mel")
+    wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("src").endswith("/mel.png"))
+    wait.until(lambda d: natural_width(d, "#heatmap") > 0)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars rect")) == 7
-    shot(browser, tmp_path, "case")
     browser.set_window_size(820, 1180)  # a tablet, portrait: the columns stack, nothing is cut off
     wait.until(lambda d: d.execute_script("return window.innerWidth") <= 820)
     assert browser.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
