@@ -82,8 +82,6 @@ def overlay(bgr: np.ndarray, cam: np.ndarray, alpha: float = 0.45,
             resize_rule: str = "shorter_side_center_crop") -> np.ndarray:
     """The photo (H x W x 3 uint8 BGR) with the map blended over the region the model saw, at opacity
     `alpha` (0: photo only, 1: map only where it is hot). Returns a new BGR image of the same size."""
-    import cv2
-
     if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
         raise CamError(f"overlay needs an H x W x 3 uint8 image, got {bgr.dtype} {bgr.shape}")
     alpha = float(np.clip(alpha, 0.0, 1.0))

@@ -13,7 +13,6 @@ paging over the index `idx_results_worklist` (store.py) reads only the rows of o
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -407,10 +406,6 @@ class ReviewWriter:
                              "writable by the review app's user") from None
         finally:
             conn.close()
-
-
-def file_exists(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(path)  # type: ignore[arg-type]
 
 
 __all__ = ["ACTIONS", "DatabaseBusy", "Filters", "Page", "ReviewWriter", "VerdictError", "QUALITY_WORDS",

@@ -106,10 +106,6 @@ def read_all(f: OpenedFile, limit: int) -> bytes:
         raise
 
 
-def image_format(head: bytes) -> str | None:
-    return sniff(head)
-
-
 def header_info(stored: str | None, roots: tuple[Path, ...]) -> dict[str, object]:
     """What a quarantined file's header says, without decoding it: size, format from its magic bytes, the
     dimensions the header declares (or why they cannot be read), and its first 64 bytes as hex."""
