@@ -43,7 +43,7 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
                  pre: Preprocessing, temperature: float, thresholds: dict, gate: dict, primary: str,
                  training: dict, build_command: str, license_text: str, citation: str,
                  signing_key: Path | None = None, tta: str = "none", arch: str = "lite0",
-                 sources: dict | None = None) -> dict:
+                 sources: dict | None = None, format3: tuple[dict, dict, dict] | None = None) -> dict:
     """Copy the artifacts into `out`, write manifest.json last (its presence means the bundle is complete) and,
     with `signing_key`, sign it. Without a key the bundle is unsigned: agents refuse it until it is signed
     (`build-model sign`) or they set allow_unsigned_bundle."""
@@ -53,6 +53,8 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     (out / SIG_FILE).unlink(missing_ok=True)  # a signature over the previous manifest would not match
     manifest_path.unlink(missing_ok=True)
     files = {"model.fp32.onnx": fp32, "model.int8.onnx": int8, "split.csv": split_csv}
+    if format3 is not None:  # (files, features block, ood block) from build_model.explain: the models with the
+        files.update(format3[0])  # feature output replace the plain ones
     for name, src in files.items():
         if src.resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
@@ -63,7 +65,7 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     digests = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.name != "manifest.json"}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     manifest = {
-        "format_version": required_format_version({"tta": tta}),
+        "format_version": required_format_version({"tta": tta} | ({"features": 1} if format3 else {})),
         "model_id": f"{training.get('dataset_name', 'model')}-{arch}-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}",
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "build_command": build_command,
@@ -79,6 +81,7 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
         "fallback": "fp32" if primary == "int8" else None,
         "temperature": temperature,
         **({"tta": tta} if tta != "none" else {}),
+        **({"features": format3[1], "ood": format3[2]} if format3 else {}),
         "thresholds": thresholds,
         "gate": gate,
         "files": digests,

@@ -206,31 +206,64 @@ def split_images(split_csv: Path, specs: list[str], labels: list[str], max_fit: 
 def format3_files(models: dict[str, Path], work: Path, split_csv: Path, specs: list[str], labels: list[str], pre,
                   tta: str, quantile: float = OOD_QUANTILE, max_fit: int = MAX_FIT_IMAGES, threads: int = 2,
                   log: Log = print) -> tuple[dict[str, Path], dict, dict]:
-    """Write the format-3 models, head.npz and ood.npz into `work`; return ({bundle name: path}, features block,
-    ood block). `models`: {variant: original ONNX path}; the new graphs must give the same logits."""
-    work.mkdir(parents=True, exist_ok=True)
-    new: dict[str, Path] = {}
-    for variant, src in models.items():
-        dst = work / f"model.{variant}.onnx"
-        add_feature_output(src, dst)
-        new[variant] = dst
-    import onnx
-
-    w, b = head_weights(onnx.load(str(new["fp32"] if "fp32" in new else next(iter(new.values())))))
-    if w.shape[0] != len(labels):
-        raise ExplainError(f"the classifier has {w.shape[0]} outputs but the bundle {len(labels)} labels")
-    with open(work / HEAD_FILE, "wb") as f:
-        np.savez(f, weight=w, bias=b)
+    """Format-3 files for a bundle whose images are named by its split.csv and the --data sources (upgrade)."""
     parts = split_images(split_csv, specs, labels, max_fit, log=log)
     xs = {}
     for part, (paths, y) in parts.items():
         x, keep = decode_tensors(paths, pre, threads)
         xs[part] = (x, y[keep])
-    _check_same_logits(models, new, xs["val"][0][:64], threads)
-    stats, block = fit_ood(new, xs["train"][0], xs["train"][1], xs["val"][0], tta, quantile, threads, log)
+    return format3_from_tensors(models, work, xs["train"][0], xs["train"][1], xs["val"][0], labels, tta, quantile,
+                                threads, log)
+
+
+def format3_from_tensors(models: dict[str, Path], work: Path, train_x: np.ndarray, train_y: np.ndarray,
+                         val_x: np.ndarray, labels: list[str], tta: str, quantile: float = OOD_QUANTILE,
+                         threads: int = 2, log: Log = print) -> tuple[dict[str, Path], dict, dict]:
+    """Write the format-3 models, head.npz and ood.npz into `work`; return ({bundle name: path}, features block,
+    ood block). `models`: {variant: original ONNX path}; the new graphs must give the same logits."""
+    import onnx
+
+    work.mkdir(parents=True, exist_ok=True)
+    new: dict[str, Path] = {}
+    for variant, src in models.items():
+        dst = work / f"model.{variant}.features.onnx"
+        add_feature_output(src, dst)
+        new[variant] = dst
+    w, b = head_weights(onnx.load(str(new["fp32"] if "fp32" in new else next(iter(new.values())))))
+    if w.shape[0] != len(labels):
+        raise ExplainError(f"the classifier has {w.shape[0]} outputs but the bundle {len(labels)} labels")
+    with open(work / HEAD_FILE, "wb") as f:
+        np.savez(f, weight=w, bias=b)
+    _check_same_logits(models, new, val_x[:64], threads)
+    stats, block = fit_ood(new, train_x, train_y, val_x, tta, quantile, threads, log)
     ood_mod.save(work / OOD_FILE, stats)
     files = {f"model.{v}.onnx": p for v, p in new.items()} | {HEAD_FILE: work / HEAD_FILE, OOD_FILE: work / OOD_FILE}
     return files, {"output": FEATURES, "head": HEAD_FILE}, {"file": OOD_FILE, **block}
+
+
+def format3_for_build(ds, split: np.ndarray, work: Path, labels: list[str], pre, tta: str,
+                      max_fit: int = MAX_FIT_IMAGES, threads: int = 2, log: Log = print
+                      ) -> tuple[dict[str, Path], dict, dict]:
+    """format3_files for `build-model bundle`: the build's own dataset and split, decoded as the agent decodes
+    files (images held in memory, e.g. MedMNIST, through the preprocessing alone)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for part in ("train", "val"):
+        idx = np.flatnonzero(split == part)
+        if part == "train" and len(idx) > max_fit:
+            idx = np.sort(rng.choice(idx, max_fit, replace=False))
+        if not len(idx):
+            raise ExplainError(f"the build has no {part} images to fit the OOD statistics on")
+        if all(ds.paths[i] is not None for i in idx):
+            x, keep = decode_tensors([ds.paths[i] for i in idx], pre, threads)
+        else:
+            from edge_agent.preprocess import preprocess
+
+            x, keep = np.stack([preprocess(ds.image(int(i)), pre) for i in idx]).astype(np.float32), list(range(len(idx)))
+        y = np.array([labels.index(ds.labels[ds.y[i]]) for i in idx])[keep]
+        out[part] = (x, y)
+    return format3_from_tensors({"fp32": work / "model.fp32.onnx", "int8": work / "model.int8.onnx"}, work / "format3",
+                                out["train"][0], out["train"][1], out["val"][0], labels, tta, threads=threads, log=log)
 
 
 def _check_same_logits(old: dict[str, Path], new: dict[str, Path], x: np.ndarray, threads: int) -> None:

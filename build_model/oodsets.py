@@ -60,7 +60,7 @@ def _gradient(rng, h, w):
     else:
         yy, xx = np.mgrid[0:h, 0:w]
         t = (np.hypot(yy - h * rng.random(), xx - w * rng.random()) / np.hypot(h, w))[..., None]
-    return a + (b - a) * t
+    return np.broadcast_to(a + (b - a) * t, (h, w, 3))
 
 
 def _checker(rng, h, w):

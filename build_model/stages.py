@@ -342,12 +342,15 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
                 primary=val["primary"], citation=citation, license_text=license_text, sources=val.get("sources"))
     split_csv = work / "split.csv"
     shutil.copyfile(out / "split.csv", split_csv) if (out / "split.csv").exists() else None
+    from .explain import format3_for_build
+
+    format3 = format3_for_build(ds, split, work, list(ds.labels), pre, val.get("tta", "none"), log=log)
     manifest = write_bundle(out, fp32=work / "model.fp32.onnx", int8=work / "model.int8.onnx", split_csv=split_csv,
                             report_md=md, labels=ds.labels, pre=pre, temperature=val["temperature"],
                             thresholds=val["thresholds"], gate=val["gate"] | {"calibration": val["calibration"]},
                             primary=val["primary"], training=training, build_command=build_command,
                             license_text=license_text, citation=citation, signing_key=signing_key,
-                            tta=val.get("tta", "none"), arch=arch,
+                            tta=val.get("tta", "none"), arch=arch, format3=format3,
                             sources={n: {k: v for k, v in ds.source_info[n].items() if k != "path"} |
                                      {"labels": ds.source_labels[n]} for n in ds.sources} if len(ds.sources) > 1 else None)
     log(f"bundle: {out} ({manifest['model_id']}, primary {manifest['primary']}, "

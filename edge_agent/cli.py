@@ -4,8 +4,9 @@ Exit codes: 0 success; 1 `scan` left files without an outcome, `status` shows
 a warning, or `model verify` found problems; 2 invalid settings, bundle or
 database at start, or another agent already holds the inbox or the database
 (nothing was processed); 3 the agent stopped on a runtime
-failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully on SIGHUP
-(the systemd unit restarts it: RestartForceExitStatus=4, until SIGHUP means reload).
+failure (unprocessed files stay in the inbox); 4 `run` stopped gracefully to restart
+after a reload (SIGHUP) whose changes only apply at start (the systemd unit restarts
+it: RestartForceExitStatus=4). SIGHUP itself reloads the model in place (modelswap.py).
 
 Heavy imports (onnxruntime, OpenCV) happen only in the commands that screen,
 so `results` and `status` answer instantly.
@@ -163,22 +164,23 @@ def run(config_file: Path | None, **flags: Any) -> None:
         log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
         stop.set()
 
-    hup = threading.Event()
+    try:
+        agent = Agent(s, Notifier(), reload_settings=lambda: load_settings(flags, config_file=config_file))
+    except ConfigError as e:
+        _fail(str(e))
 
     def on_hup(signum: int, frame: Any) -> None:
-        # Reload hook: SIGHUP will mean "re-read the settings and the bundle" (a later issue). Until then it
-        # is a graceful stop, never the default kill: systemd's Restart= starts the agent with the new
-        # settings. Replace this handler (and keep the graceful path for what cannot be reloaded).
-        log.warning("SIGHUP received: reloading is not supported yet, so the agent stops gracefully (finishing "
-                    "the batch in flight) with exit code %d, which the systemd unit restarts with the new "
-                    "settings (RestartForceExitStatus=%d)", EXIT_HUP, EXIT_HUP)
-        hup.set()
-        stop.set()
+        # SIGHUP (`systemctl reload edge-agent`): re-read the settings and the active model, verify the model
+        # fully and switch it between two batches (modelswap.py); a bad one leaves the running model in place.
+        # Settings that only apply at start make the agent stop gracefully with exit code 4, which the unit
+        # restarts (RestartForceExitStatus=4).
+        log.info("SIGHUP received: reloading the settings and the active model")
+        agent.request_reload()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
-        code = Agent(s, Notifier()).run(stop)
+        code = agent.run(stop)
     except (ConfigError, BundleError, StoreError, Busy) as e:
         _fail(str(e))
     except InferenceError as e:
@@ -186,7 +188,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sys.exit(EXIT_HUP if code == 0 and hup.is_set() else code)
+    sys.exit(code)
 
 
 # --- scan --------------------------------------------------------------------------------
@@ -489,6 +491,75 @@ def review(db: Path | None, config_file: Path | None, inbox: Path | None, proces
         _fail(str(e))
 
 
+# --- prune (retention.py) ----------------------------------------------------------------------
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file of the agent")
+@click.option("--db", type=click.Path(path_type=Path), help=_help("db"))
+@click.option("--inbox", type=click.Path(path_type=Path), help=_help("inbox") + " (locates the default folders)")
+@click.option("--processed-dir", type=click.Path(path_type=Path), help=_help("processed_dir"))
+@click.option("--quarantine-dir", type=click.Path(path_type=Path), help=_help("quarantine_dir"))
+@click.option("--keep-processed-days", type=float, help=_help("keep_processed_days"))
+@click.option("--keep-quarantine-days", type=float, help=_help("keep_quarantine_days"))
+@click.option("--prune-free-mb", type=float, help=_help("prune_free_mb"))
+@_format_options
+def prune(dry_run: bool, config_file: Path | None, fmt: str, as_json: bool, **flags: Any) -> None:
+    """Apply the retention settings now (the daemon does it every prune_seconds): remove stored images and
+    quarantined files older than keep_*_days, or the oldest below the prune_free_mb watermark. Only files a
+    database row says the agent stored there, with the row's content; rows stay, marked pruned."""
+    from .retention import Policy, prune as run_prune
+
+    s = _load(flags, config_file)
+    policy = Policy(s.keep_processed_days, s.keep_quarantine_days, s.prune_free_mb)
+    if not policy.active:
+        _fail("no retention is configured: set keep_processed_days, keep_quarantine_days or prune_free_mb (config "
+              "file or --keep-processed-days ...); nothing was removed", EXIT_INCOMPLETE)
+    logsetup.setup("WARNING")
+    try:
+        rep = run_prune(s.db_path, s.processed_path, s.quarantine_path, policy, dry_run=dry_run)
+    except (StoreError, ConfigError) as e:
+        _fail(str(e))
+    except sqlite3.DatabaseError as e:
+        _not_ours(s.db_path, e)
+    if as_json or fmt == "json":
+        click.echo(json.dumps({"dry_run": dry_run, **rep.to_dict()}, indent=2))
+        return
+    if dry_run:
+        for p in rep.would_remove:
+            click.echo(f"would remove {logsetup.printable(p)}")
+        click.echo(f"dry run: {len(rep.would_remove)} file(s), {rep.removed_bytes / 2**20:.1f} MiB would be removed")
+    else:
+        click.echo(f"removed {rep.removed} file(s), {rep.removed_bytes / 2**20:.1f} MiB; {rep.missing} were already "
+                   "gone (marked missing)")
+    for p, why in rep.skipped:
+        click.echo(f"left alone: {logsetup.printable(p)}: {why}", err=True)
+
+
+# --- backup (backup.py) ------------------------------------------------------------------------
+
+@main.command()
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path),
+              help="backup file, or a folder for a time-stamped results-YYYYmmddTHHMMSSZ.db")
+@click.option("--keep", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with a folder: keep only the newest N backups there (0: keep all)")
+@_db_options
+def backup(to: Path, keep: int, db: Path | None, config_file: Path | None) -> None:
+    """Copy the results database consistently while the agent writes (SQLite online backup), check the copy
+    (integrity_check) and put it in place atomically. Restore: docs/operations.md."""
+    from .backup import BackupError, backup as run_backup
+
+    s = _load({"db": db}, config_file)
+    try:
+        r = run_backup(s.db_path, to, keep)
+    except (BackupError, StoreError) as e:
+        _fail(str(e), EXIT_RUNTIME)
+    click.echo(f"backed up {s.db_path} to {r.path}: {r.size / 2**20:.1f} MiB, {r.results} results, schema "
+               f"v{r.schema_version}, integrity_check ok")
+    for p in r.removed:
+        click.echo(f"removed old backup {p}")
+
+
 # --- model -------------------------------------------------------------------------------
 
 @main.group()
@@ -570,6 +641,8 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
             click.echo(f"threshold:     low_confidence: top-1 probability < {spec.get('top1_probability')}")
     click.echo(f"gate:          {'APPROVED' if gate.get('approved') else 'REJECTED' if gate else '-'}"
                f"{': ' + str(gate.get('reason')) if gate.get('reason') else ''}")
+    click.echo(f"ood check:     {_ood_line(m)}")
+    click.echo(f"heatmaps:      {'yes (feature output ' + repr(m['features'].get('output')) + ')' if isinstance(m.get('features'), dict) else 'no: the bundle (format ' + str(m.get('format_version')) + ') has no feature output'}")
     if m.get("license"):
         click.echo(f"license:       {m['license']!s}")
     click.echo(f"manifest:      sha256 {rep.manifest_sha256 or '-'}")
@@ -580,6 +653,18 @@ def info(bundle: Path | None, fmt: str, as_json: bool, config_file: Path | None,
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     sys.exit(0 if rep.ok else 1)
+
+
+def _ood_line(m: dict) -> str:
+    ood = m.get("ood")
+    if not isinstance(ood, dict):
+        return (f"off: the bundle (format {m.get('format_version')}) has no out-of-distribution statistics, so images "
+                "unlike the training data are not flagged as such (build-model upgrade-bundle adds them)")
+    th = ood.get("thresholds") or {}
+    flagged = {v: x.get("val_flagged") for v, x in ((ood.get("fit") or {}).get("variants") or {}).items()}
+    return (f"{ood.get('method')}, flag above " + ", ".join(f"{v} {t}" for v, t in sorted(th.items()))
+            + (f" (flags {flagged.get(m.get('primary'), 0):.1%} of the build's validation images)"
+               if isinstance(flagged.get(m.get("primary")), (int, float)) else ""))
 
 
 @model.command()
@@ -631,6 +716,189 @@ def _check_loads(rep: Any) -> None:
                 rep.errors.append(msg + "; rebuild the bundle")
             else:
                 rep.warnings.append(msg + (f"; the agent would fall back to {b.fallback}" if variant == b.primary else ""))
+
+
+# --- model activate / rollback (modelswap.py) ---------------------------------------------------
+
+def _swap_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for o in reversed([
+        click.option("--db", type=click.Path(path_type=Path), help="results database of the agent (or EDGE_AGENT_DB); "
+                     "the active-model pointer lives beside it"),
+        click.option("--reload/--no-reload", "reload_", default=True, show_default=True,
+                     help="signal the running agent (SIGHUP) and wait for it to switch"),
+        click.option("--wait", type=click.FloatRange(min=0), default=120, show_default=True,
+                     help="seconds to wait for the running agent to report the switch"),
+        _SPECIAL["trusted_keys"], _SPECIAL["allow_unsigned_bundle"],
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="TOML settings file of the agent (db, inbox, trust, thresholds, providers)"),
+    ]):
+        f = o(f)
+    return f
+
+
+def _swap(action: str, config_file: Path | None, flags: dict[str, Any], reload_: bool, wait: float,
+          bundle: Path | None = None) -> NoReturn:
+    from . import modelswap
+
+    logsetup.setup("WARNING")
+    s = _load(flags, config_file)
+    ptr = modelswap.pointer_path(s.db_path)
+    try:
+        saved = modelswap.read_pointer(ptr) if ptr.exists() else None
+        cand, _ = modelswap.activate(s, bundle) if bundle is not None else modelswap.rollback(s)
+    except (modelswap.SwapRejected, ConfigError, StoreError) as e:
+        _fail(f"{e}; the active model is unchanged", EXIT_INCOMPLETE)
+    b = cand.bundle
+    click.echo(f"verified {b.model_id} ({b.path}): checksums, signature, format, gate, test inference on "
+               f"{cand.variant}: ok")
+    click.echo(f"{action}: {ptr} now names {b.model_id}")
+    if not reload_:
+        click.echo("not signalled (--no-reload): `systemctl reload edge-agent` switches the running agent")
+        sys.exit(0)
+    result, msg = modelswap.tell_daemon(s.db_path, b.manifest_sha256, wait)
+    click.echo(msg)
+    if result == "rejected":
+        if saved is None:
+            ptr.unlink(missing_ok=True)
+        else:
+            modelswap.write_pointer(ptr, saved)
+        _fail(f"the running agent did not switch ({msg}); the pointer was restored, the running model is unchanged",
+              EXIT_RUNTIME)
+    sys.exit(EXIT_RUNTIME if result == "no-permission" else 0)
+
+
+@model.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_swap_options
+def activate(bundle: Path, db: Path | None, reload_: bool, wait: float, trusted_keys: tuple[Path, ...],
+             allow_unsigned_bundle: bool | None, config_file: Path | None) -> None:
+    """Verify BUNDLE fully (checksums, signature, format, gate, a test inference) and make it the active model;
+    the running agent switches to it between two batches. Exit 0: active (or active at the next start when the
+    agent is not running); 1: the bundle was rejected, nothing changed; 3: the running agent did not switch."""
+    _swap("activated", config_file, {"db": db, "trusted_keys": trusted_keys,
+                                     "allow_unsigned_bundle": allow_unsigned_bundle}, reload_, wait, bundle)
+
+
+@model.command()
+@_swap_options
+def rollback(db: Path | None, reload_: bool, wait: float, trusted_keys: tuple[Path, ...],
+             allow_unsigned_bundle: bool | None, config_file: Path | None) -> None:
+    """Return to the model that was active before the last activation (verified like any activation)."""
+    _swap("rolled back", config_file, {"db": db, "trusted_keys": trusted_keys,
+                                       "allow_unsigned_bundle": allow_unsigned_bundle}, reload_, wait)
+
+
+# --- backfill, backfill-merge (edge_agent/backfill, docs/backfill.md; needs the [scale] extra) --------------
+
+_BACKFILL_SETTINGS = ("model", "trusted_keys", "allow_unsigned_bundle", "thresholds", "threshold_override",
+                      "providers", "threads", "batch_size", "spot_check_fraction", "max_pixels", "max_file_mb",
+                      "min_sharpness", "min_brightness", "max_brightness", "max_clipped_fraction", "log_level")
+
+
+def _backfill_settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The screening settings of `scan` (same flags, environment and config file), without the inbox ones."""
+    opts = []
+    for name in _BACKFILL_SETTINGS:
+        fld = FIELDS[name]
+        if name in _SPECIAL:
+            opts.append(_SPECIAL[name])
+        elif "Path" in str(fld.type):
+            opts.append(click.option(_flag(name), name, type=click.Path(path_type=Path), help=_help(name)))
+        else:
+            opts.append(click.option(_flag(name), name, type=_FLAG_TYPES[str(fld.type)], help=_help(name)))
+    opts.append(click.option("--config", "config_file", type=click.Path(path_type=Path),
+                             help="TOML settings file (or EDGE_AGENT_CONFIG): the screening settings of `scan`"))
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _need_scale() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as e:
+        _fail(f"the backfill needs Ray Data and pyarrow ({e}); install the extra: pip install "
+              "'edge-derm-screen[scale]'")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--manifest", is_flag=True, help="SOURCE is a text file with one path or URI per line (s3://, gs://, "
+              "file://; relative paths from the manifest's folder) instead of a folder to walk")
+@click.option("-o", "--output", required=True, help="output folder (local, shared, or an object-store URI): "
+              "partitioned Parquet and the backfill's state; give the same one to resume")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="screening actors (worker processes), each with its own model session and decoder process")
+@click.option("--actor-cpus", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="CPUs Ray reserves per actor (and the default --threads)")
+@click.option("--batch-rows", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
+              help="inputs per actor call (ONNX batches of --batch-size inside it)")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="at least this many rows per Parquet file; what a stop loses and redoes is at most this many "
+                   "per writer")
+@click.option("--address", help="an existing Ray cluster ('auto', or ray://HEAD:10001); default: start a local one")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="a local cluster's CPUs (default: this machine's)")
+@click.option("--object-store-mb", type=click.IntRange(min=80), help="a local cluster's object store (default: Ray's)")
+@click.option("--dashboard/--no-dashboard", default=False, show_default=True,
+              help="start Ray's dashboard with a local cluster (progress per operator, at http://127.0.0.1:8265)")
+@_backfill_settings_options
+def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: float, batch_rows: int,
+             rows_per_file: int, address: str | None, num_cpus: int | None, object_store_mb: int | None,
+             dashboard: bool, config_file: Path | None, **flags: Any) -> None:
+    """Screen an archive (a folder tree, or --manifest FILE) on Ray with the agent's own decode, model and
+    triage; rows as Parquet in --output (exit 0: every input has a row). The archive is only read. Stopped or
+    killed, the same command resumes where the written rows end. Then: edge-agent backfill-merge OUTPUT --db DB."""
+    _need_scale()
+    flags["threads"] = flags.get("threads") or max(1, int(actor_cpus))
+    s = _load(flags, config_file)
+    logsetup.setup(s.log_level)
+    from .backfill.output import BackfillError, BackfillFailed
+    from .backfill.run import Options, run_backfill
+    from .infer import InferenceError
+
+    opts = Options(actors=actors, actor_cpus=actor_cpus, batch_rows=batch_rows, rows_per_file=rows_per_file,
+                   address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, dashboard=dashboard)
+    try:
+        sm = run_backfill(source, output, s, manifest=manifest, opts=opts, echo=lambda t: click.echo(t, err=True))
+    except (ConfigError, BundleError, BackfillError) as e:
+        _fail(str(e))
+    except (InferenceError, BackfillFailed, OSError) as e:
+        _fail(str(e), EXIT_RUNTIME)
+    w = sm.written
+    assert w is not None
+    for note in sm.notes:
+        click.echo(f"  note: {note}")
+    rate = (sm.screened + sm.quarantined) / sm.seconds if sm.seconds else 0.0
+    click.echo(f"backfill: {len(w.keys)} of {sm.entries} inputs written to {output} ({w.results} results, "
+               f"{w.quarantined} quarantined); this run: {sm.screened} screened, {sm.quarantined} quarantined in "
+               f"{sm.seconds:.1f} s ({rate:.1f} images/s"
+               + (f"; {sm.steady_rate:.1f} images/s after start-up)" if sm.steady_rate else ")"))
+    if w.repeated:
+        click.echo(f"  {w.repeated} row(s) were written twice (a retried write); the merge keeps one")
+    click.echo(f"  merge into a results database: edge-agent backfill-merge {output} --db DB")
+    sys.exit(0 if len(w.keys) >= sm.entries else EXIT_INCOMPLETE)
+
+
+@main.command("backfill-merge")
+@click.argument("output")
+@_db_options
+def backfill_merge(output: str, db: Path | None, config_file: Path | None) -> None:
+    """Merge a backfill's Parquet rows into a results database (created if missing), keyed by sha256: merging
+    again, or after a resumed backfill, never adds a row twice. Takes the database's lock (stop the agent
+    that uses it, or merge into another database)."""
+    _need_scale()
+    s = _load({"db": db}, config_file)
+    from .backfill.merge import merge
+    from .backfill.output import BackfillError
+    from .share import resolve_share
+
+    try:
+        m = merge(output, s.db_path, resolve_share(s.share_group))
+    except (ConfigError, BackfillError, StoreError, Busy) as e:
+        _fail(str(e))
+    click.echo(f"merged {m.files} file(s) from {output} into {s.db_path}: {m.results} results, {m.duplicates} "
+               f"duplicates, {m.quarantined} quarantined, {m.already} already there")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,6 +72,13 @@ class Settings:
     # Who may read results and screened images besides the agent's user (share.py, docs/install.md "Staff
     # access"): a group name or number; empty keeps them private to the agent's user.
     share_group: str = ""
+    # Months unattended (docs/operations.md): retention (retention.py) and the Prometheus textfile (metrics.py).
+    keep_processed_days: float = 0.0
+    keep_quarantine_days: float = 0.0
+    prune_free_mb: float = 0.0
+    prune_seconds: float = 3600.0
+    metrics_file: Path | None = None
+    metrics_seconds: float = 15.0
 
     @property
     def inbox_dir(self) -> Path:
@@ -131,6 +138,15 @@ HELP: dict[str, str] = {
                     "project's key shipped with the package",
     "share_group": "group whose members may read the results database and the screened images (database 0640, "
                    "processed folders 0750, stored copies 0640, all with this group); empty: the agent's user only",
+    "keep_processed_days": "remove stored screened images (and duplicates) older than this many days; the rows stay, "
+                           "marked pruned (0: keep for ever)",
+    "keep_quarantine_days": "remove quarantined files older than this many days; the rows stay (0: keep for ever)",
+    "prune_free_mb": "disk watermark: while the processed folder's disk has less free space than this, remove the "
+                     "oldest stored screened images (0: off; set it above min_free_mb)",
+    "prune_seconds": "how often the daemon applies the retention settings",
+    "metrics_file": "Prometheus textfile for node_exporter's textfile collector, rewritten atomically (needs the "
+                    "[metrics] extra; empty: off)",
+    "metrics_seconds": "how often the metrics file is rewritten",
     "allow_unsigned_bundle": "run a bundle whose manifest has no signature from a trusted key (logs a WARNING and "
                              "an event at every start)",
 }
@@ -188,6 +204,11 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "max_brightness": (0, 255, "8-bit brightness"),
     "max_clipped_fraction": (0, 1, "a fraction"),
     "min_free_mb": (0, 1e12, "an exabyte; a larger value is a unit mistake"),
+    "keep_processed_days": (0, 36500, "a hundred years"),
+    "keep_quarantine_days": (0, 36500, "a hundred years"),
+    "prune_free_mb": (0, 1e12, "an exabyte; a larger value is a unit mistake"),
+    "prune_seconds": (1, 7 * 86400, "at least once a week"),
+    "metrics_seconds": (1, 3600, "node_exporter reads it every scrape; older figures are no use to an alert"),
 }
 
 

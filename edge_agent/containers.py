@@ -10,7 +10,10 @@ CRCs, IHDR first, TIFF tags unique and ascending, offsets inside the file,
 RIFF sizes, BMP header sizes, one JPEG frame header), and anything ambiguous is
 refused before one pixel is allocated. The walk is linear in the number of
 chunks, tags or segments, not in the pixels: well under a millisecond for a
-camera photo.
+camera photo. The one exception is PNG's per-chunk CRC, which covers every
+byte: it is the only integrity check any of these formats carries, and a
+damaged IDAT otherwise decodes to garbage (or libpng gives up half-way) -
+zlib.crc32 runs at about 1 GB/s here, a few ms for a large PNG.
 
 Each function raises `Rejected` ("corrupt", or "truncated" where an
 interrupted copy explains the damage) with a reason a person can act on.
@@ -51,7 +54,12 @@ _PNG_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
 
 
 def check_png(d: bytes) -> None:
-    """IHDR first (13 bytes, valid CRC and fields), every chunk inside the file, IDATs contiguous, IEND last."""
+    """IHDR first (13 bytes, valid CRC and fields), every chunk inside the file with a valid CRC, IDATs
+    contiguous, IEND last.
+
+    Every chunk's CRC is checked, ancillary ones too: a mismatch means the file changed after it was
+    written (a damaged card, a broken transfer), and the same damage may sit where no check sees it.
+    """
     n = len(d)
     ended = d.rfind(PNG_END) > 0  # the end marker is there: a complete file, whatever its chunks claim
     length, kind = struct.unpack(">I4s", d[8:16])
@@ -86,6 +94,11 @@ def check_png(d: bytes) -> None:
         elif kind[0] < 97 and kind not in _PNG_CRITICAL:  # upper-case first letter: critical, unknown
             raise _corrupt("PNG", f"unknown critical chunk {kind!r}")
         last_idat = kind == b"IDAT"
+        with memoryview(d) as view:  # no copy of a mapped file; released before the caller closes the map
+            crc = zlib.crc32(view[pos + 4:pos + 8 + length]) & 0xFFFFFFFF
+        if crc != struct.unpack(">I", d[pos + 8 + length:pos + 12 + length])[0]:
+            raise _corrupt("PNG", f"the {kind.decode('ascii')} chunk at byte {pos} fails its CRC check (the "
+                                  "file's bytes changed after it was written)")
         if kind == b"IEND":
             if length:
                 raise _corrupt("PNG", "the IEND chunk is not empty")

@@ -15,7 +15,9 @@ time proportional to what the model needs rather than to the camera's sensor.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ import cv2
 import numpy as np
 
 from .containers import check_structure
+from .decoder_messages import StderrCapture, classify
 from .preprocess import Preprocessing, preprocess_bgr
 from .rejection import Rejected
 
@@ -335,20 +338,35 @@ def reduction_for(header: Header, input_size: int) -> int:
     return 1
 
 
-def decode_pixels(data: bytes, header: Header, reduction: int) -> np.ndarray:
-    """Decode to an EXIF-oriented 8-bit BGR image (OpenCV applies the orientation tag)."""
+def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCapture | None = None) -> np.ndarray:
+    """Decode to an EXIF-oriented 8-bit BGR image (OpenCV applies the orientation tag).
+
+    With `capture` (the decode workers: single-threaded processes), what the decoder prints while decoding is
+    read back, and a warning about damaged image data makes the file `corrupt` (decoder_messages.py): libjpeg
+    and libpng step over such damage and return an image that is partly garbage.
+    """
     buf = np.frombuffer(data, np.uint8)
     big = header.format != "jpeg" and header.width * header.height > BIG_DECODE_PIXELS
     try:
-        if big:
-            with _big_decode:
-                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        else:
-            img = cv2.imdecode(buf, _REDUCED[reduction])
+        with capture if capture is not None else contextlib.nullcontext():
+            if big:
+                with _big_decode:
+                    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            else:
+                img = cv2.imdecode(buf, _REDUCED[reduction])
     except cv2.error as e:
         raise _decoder_error(header, str(e)) from None
     except MemoryError:
         raise _out_of_memory(header) from None
+    if capture is not None and capture.text:
+        verdict = classify(header.format, capture.text)
+        if verdict.notes:
+            print(f"edge-agent decoder: {verdict.notes}", file=sys.stderr, flush=True)
+        if verdict.damage:
+            raise Rejected("corrupt", f"the {header.format.upper()} image data is damaged (the decoder reported: "
+                           f"{verdict.damage[:300]}), so part of the decoded picture would be filler or garbage "
+                           "and its result meaningless; the file changed after it was written (a failing card or "
+                           "an interrupted transfer) - copy or re-export the image from the original again")
     if img is None or img.size == 0:
         raise Rejected("decode_failed", f"the {header.format.upper()} data could not be decoded: the file is damaged "
                        "or uses an unsupported variant; re-export the image as a standard JPEG or PNG")
@@ -423,8 +441,10 @@ def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
     return Quality(round(sharpness, 2), round(brightness, 2), round(dark, 4), round(bright, 4), tuple(issues))
 
 
-def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: QualityLimits) -> Decoded:
-    """The whole check: header, size limit, completeness, reduced decode, quality, preprocessing."""
+def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: QualityLimits,
+                 capture: StderrCapture | None = None) -> Decoded:
+    """The whole check: header, size limit, completeness, reduced decode (with the decoder's warnings read
+    through `capture` where the caller is single-threaded), quality, preprocessing."""
     header = read_header(data)
     if header.width * header.height > max_pixels:
         raise Rejected("too_many_pixels", f"image declares {header.width}x{header.height} = "
@@ -442,7 +462,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
                        "a multi-page document), but only a single still image can be screened - the others would "
                        f"be silently skipped; export each {what[:-1]} you want screened as its own JPEG or PNG")
     k = reduction_for(header, pre.input_size)
-    bgr = decode_pixels(data, header, k)
+    bgr = decode_pixels(data, header, k, capture)
     check_decoded_size(bgr, header, k)
     quality = measure_quality(bgr, limits)
     return Decoded(header, k, preprocess_bgr(bgr, pre), quality)

@@ -26,6 +26,9 @@ next start knows which file was on the table. No fsync: the entry has to
 survive the death of processes, which the page cache does; a power cut is not
 caused by a file.
 
+Each worker also reads what the decoder prints to stderr during each decode (decoder_messages.py): libjpeg
+and libpng report damaged image data only there, and still return a picture.
+
 The protocol is length-prefixed messages on the worker's stdin/stdout
 (multiprocessing.connection framing): JSON metadata plus raw bytes, never
 pickle, so a compromised decoder cannot make the agent run code. Cost per image
@@ -425,6 +428,7 @@ def main(config_json: str) -> None:
     import cv2
 
     from .decode import decode_image
+    from .decoder_messages import StderrCapture
 
     cv2.setNumThreads(1)  # parallelism comes from the worker processes; one thread keeps the ceiling predictable
     pre = Preprocessing.from_dict(cfg["pre"])
@@ -433,6 +437,7 @@ def main(config_json: str) -> None:
     warm = np.full((64, 64, 3), 128, np.uint8)  # load the codecs now, so their start-up is not in the budget
     for ext in (".jpg", ".png"):
         decode_image(cv2.imencode(ext, warm)[1].tobytes(), pre, max_pixels, limits)
+    capture = StderrCapture()  # the decoder's warnings about damaged data, per decode (decoder_messages.py)
     limited, why, ceiling = _limit_memory(int(cfg["budget"]))
     journal_fd = -1
     if cfg.get("journal"):
@@ -465,7 +470,7 @@ def main(config_json: str) -> None:
         reply: dict[str, Any]
         tensor = None
         try:
-            d = decode_image(data, pre, max_pixels, limits)
+            d = decode_image(data, pre, max_pixels, limits, capture)
             tensor = np.ascontiguousarray(d.tensor, np.float32)
             reply = {"ok": True, "header": [d.header.format, d.header.width, d.header.height],
                      "reduction": d.reduction, "shape": list(tensor.shape),

@@ -50,7 +50,8 @@ def check_layout(s: Settings) -> None:
                               "default is a sibling of the inbox)")
     own: list[tuple[str, Path | None]] = [
         ("processed_dir", real(s.processed_path)), ("quarantine_dir", real(s.quarantine_path)),
-        ("db", real(s.db) if s.db is not None else None), ("model", real(s.model) if s.model is not None else None)]
+        ("db", real(s.db) if s.db is not None else None), ("model", real(s.model) if s.model is not None else None),
+        ("metrics_file", real(s.metrics_file) if getattr(s, "metrics_file", None) is not None else None)]
     for name, p in own:
         if p is not None and inside(p, inbox):
             what = {"db": "the database (the agent would screen and move its own database files)",

@@ -9,6 +9,9 @@ which files are ready (intake.py) and keeps systemd informed. At most
 tensors waiting for the model), which bounds memory however many arrive; up
 to as many more may wait for their batched commit as rows; the rest wait in
 the inbox as mere paths.
+
+Stage modules: inference and triage, and the one place the model is switched, are infer_stage.py
+(model swaps: modelswap.py); periodic chores (retention, the metrics file) are housekeeping.py.
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
 from .decode import QualityLimits, Rejected
 from .decode_worker import DecodePool, DecoderUnavailable
 from .infer import Engine, InferenceError, check_providers
+from .infer_stage import ActiveModel, InferStage
 from .intake import Intake, Vanished, read_file
 from .locks import Lock, lock_database, lock_inbox
 from .paths import SitePaths, real as real_path, resolve as resolve_paths
@@ -93,8 +97,16 @@ class Agent:
     """Runs the pipeline as a daemon (`run`) or once over the inbox (`scan`)."""
 
     def __init__(self, settings: Settings, notifier: Notifier | None = None, one_shot: bool = False,
-                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+                 on_outcome: Callable[[Outcome], None] | None = None,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
         self.s = settings
+        self.reload_settings = reload_settings  # SIGHUP re-reads the settings with it (modelswap.py)
+        self.reload_requested = threading.Event()
+        self.restart_reason: str | None = None  # a reload that needs a restart: `run` exits 4, systemd restarts
+        self.swap_note: dict[str, str] = {}  # the last reload's outcome, for `status`
+        self.model_source = "the model setting"
+        self.state_due = False
+        self.metrics: Any = None  # metrics.py, when metrics_file is set
         self.notifier = notifier or Notifier({})
         self.one_shot = one_shot
         self.on_outcome = on_outcome
@@ -120,21 +132,42 @@ class Agent:
         self._infer_thread: threading.Thread | None = None
         self._writer_thread: threading.Thread | None = None
         self._counts_lock = threading.Lock()
-        self._reference_lock = threading.Lock()
-        self._reference_wanted = False
-        self._reference_loader: threading.Thread | None = None
+        self.stage: InferStage | None = None
+        self.housekeeping: Any = None  # housekeeping.py: pruning and the metrics file, from the main loop
         self.started_at = now_iso()
         # One line per image suits the journal; an interactive scan shows a progress bar instead.
         self._detail = logging.DEBUG if one_shot else logging.INFO
-        self.bundle: Bundle
-        self.engine: Engine
         self.committer: Committer | None = None
         self.decoders: DecodePool | None = None
 
     @property
     def fatal(self) -> str | None:
         """Why the agent must stop, if it must: files not yet committed stay in the inbox."""
-        return self._fatal or (self.committer.fatal if self.committer else None)
+        return self._fatal or (self.stage.fatal if self.stage else None) or (
+            self.committer.fatal if self.committer else None)
+
+    # The model in use: one ActiveModel, owned by the inference stage, swapped between batches (modelswap.py).
+    @property
+    def bundle(self) -> Bundle:
+        if self.stage is None:
+            raise AttributeError("bundle")
+        return self.stage.model.bundle
+
+    @property
+    def engine(self) -> Engine:
+        if self.stage is None:
+            raise AttributeError("engine")
+        return self.stage.model.engine
+
+    @property
+    def policy(self) -> Policy:
+        if self.stage is None:
+            raise AttributeError("policy")
+        return self.stage.model.policy
+
+    @property
+    def policy_json(self) -> str:
+        return self.policy.to_json()
 
     @property
     def db_error(self) -> str | None:
@@ -171,12 +204,18 @@ class Agent:
         self._locks.append(lock_inbox(site.inbox))
         limit_malloc_arenas()
         self._prepare_dirs()
-        self.bundle = load_bundle(site.model, trust_from_settings(s))
-        self.policy = Policy.from_bundle(self.bundle, s.thresholds, s.threshold_override)
-        self.policy_json = self.policy.to_json()
+        from .modelswap import initial_model
+
+        model_path, expect_sha, self.model_source = initial_model(s, site.model)
+        bundle = load_bundle(model_path, trust_from_settings(s))
+        if expect_sha is not None and bundle.manifest_sha256 != expect_sha:
+            raise BundleError(f"the activated bundle {model_path} changed after it was activated (manifest sha256 "
+                              f"{bundle.manifest_sha256[:12]}, activated {expect_sha[:12]}): check the folder, then run "
+                              "`edge-agent model activate` on it again or `edge-agent model rollback`")
+        policy = Policy.from_bundle(bundle, s.thresholds, s.threshold_override)
         check_providers(s.providers)
         self.limits = QualityLimits(s.min_sharpness, s.min_brightness, s.max_brightness, s.max_clipped_fraction)
-        self.store = Writer(site.db, self.bundle.labels, self.share)
+        self.store = Writer(site.db, bundle.labels, self.share)
         try:
             self._reconcile()
         except sqlite3.DatabaseError as e:
@@ -185,7 +224,7 @@ class Agent:
         # Before any decode: files that were being decoded when the last agent died get their strike.
         self.poison = PoisonJournal(site.db)
         self.poison.recover()
-        self.decoders = DecodePool(s.workers, self.bundle.preprocessing, s.max_pixels, self.limits,
+        self.decoders = DecodePool(s.workers, bundle.preprocessing, s.max_pixels, self.limits,
                                    int(s.max_file_mb * 2**20), journal=self.poison.journal)
         try:
             self.decoders.start()  # the worker processes import OpenCV while the model loads
@@ -193,7 +232,10 @@ class Agent:
             self.store.close()
             raise InferenceError(str(e)) from None
         self.reader = Reader(site.db)
-        self.engine = Engine(self.bundle, s.providers, s.threads, on_event=self._event)
+        engine = Engine(bundle, s.providers, s.threads, on_event=self._event)
+        self.stage = InferStage(ActiveModel(bundle, engine, policy, policy.to_json(), self.model_source),
+                                s.batch_size, s.spot_check_fraction, self.infer_q, self._emit, self.timing,
+                                lambda: self.wake.put(("wake", "", "")), on_swap=self._swapped)
         self.intake = Intake(site.inbox, [site.processed, site.quarantine], s.quiet_seconds,
                              s.partial_timeout_seconds, limit=max(INTAKE_LIMIT, 4 * s.queue_max))
         self.committer = Committer(s, self.store, self.intake, self.claims, self.processed, self.quarantine,
@@ -216,10 +258,10 @@ class Agent:
             raise
         log.info("model %s loaded (%s%s) from %s", self.bundle.model_id, variant,
                  ", FALLBACK" if self.engine.is_fallback else "", self.bundle.path)
-        self._load_reference_if_wanted()
-        self._infer_thread = self._spawn(self._infer_loop, "infer")
+        self.stage.load_reference_if_wanted()
+        self._infer_thread = self._spawn(self.stage.loop, "infer")
         self._event("start", f"{'scan' if self.one_shot else 'run'} pid={os.getpid()} model={self.bundle.model_id} "
-                             f"variant={variant}")
+                             f"variant={variant} source={self.model_source}")
         self._event("policy", policy_event(self.bundle, self.policy))
         for kind, message in startup_notices(self.bundle, self.policy):
             log.warning("%s", message)
@@ -278,9 +320,13 @@ class Agent:
 
     def run(self, stop: threading.Event) -> int:
         """Daemon: process the inbox, then watch it until `stop` is set. Returns the exit code."""
+        from .housekeeping import Housekeeping
+        from .metrics import make_metrics
         from .watch import InboxWatcher, apply
 
+        self.metrics = make_metrics(self.s.metrics_file)
         self.start()
+        self.housekeeping = Housekeeping(self, time.monotonic())
         watcher = InboxWatcher(self.inbox)
         watcher.events = self.wake  # one queue wakes the loop, for file events and finished work alike
         try:
@@ -294,9 +340,17 @@ class Agent:
             next_rescan, next_state, next_disk, next_ping = (now + self.s.rescan_seconds, now + STATE_SECONDS,
                                                             now + DISK_SECONDS, now)
             next_poll = now
-            while not stop.is_set() and self.fatal is None:
+            while not stop.is_set() and self.fatal is None and self.restart_reason is None:
                 self._drain_wake(apply, TICK_SECONDS)
                 now = time.monotonic()
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self._start_reload()
+                if self.housekeeping is not None:
+                    self.housekeeping.tick(now)
+                if self.state_due:  # a model switch or reload outcome: show it in `status` now
+                    self.state_due = False
+                    self._post_state()
                 if now >= next_rescan or (self.intake.overflowed and self.intake.backlog < self.intake.limit // 2):
                     self.intake.scan()
                     next_rescan = now + self.s.rescan_seconds
@@ -330,6 +384,10 @@ class Agent:
             return 3
         log.info("stopped: %d screened, %d flagged, %d quarantined, %d duplicates", self.counts.results,
                  self.counts.flagged, self.counts.quarantined, self.counts.duplicates)
+        if self.restart_reason is not None:
+            log.warning("stopped to restart: %s (exit code 4; the systemd unit starts the agent again)",
+                        self.restart_reason)
+            return 4
         return 0
 
     def scan(self, progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
@@ -432,8 +490,10 @@ class Agent:
         if self._infer_thread is not None:
             self.infer_q.put(STOP)
             self._infer_thread.join()
-        if self._reference_loader is not None:
-            self._reference_loader.join()  # never leave onnxruntime half-way through opening a model at exit
+        if self.stage is not None:
+            self.stage.join_reference_loaders()
+        if self.housekeeping is not None:
+            self.housekeeping.close()
         if self._writer_thread is not None:
             self._post_state(stopped=True)
             self._emit(STOP)
@@ -449,6 +509,8 @@ class Agent:
     # --- housekeeping --------------------------------------------------------------------
 
     def _event(self, kind: str, detail: str) -> None:
+        if kind == "fallback" and self.metrics is not None:
+            self.metrics.fallback_events.inc()
         self._emit(("event", kind, detail))
 
     def _post_state(self, stopped: bool = False) -> None:
@@ -466,6 +528,10 @@ class Agent:
             # what `edge-agent status` cannot see from outside: which files wait because they looked incomplete
             "waiting": json.dumps([{"file": rel, "why": why, "since": round(age)}
                                    for rel, why, age in self.intake.waiting()[:STATE_WAITING]]),
+            "model_source": self.model_source, "model_manifest_sha256": self.bundle.manifest_sha256,
+            "model_swap": json.dumps(self.swap_note) if self.swap_note else "",
+            # the monitoring figures (metrics.py), so that `status --format json` carries what the textfile does
+            "metrics": json.dumps(self.metrics.snapshot()) if self.metrics is not None else "",
         }))
 
     def _status_line(self) -> str:
@@ -574,9 +640,9 @@ class Agent:
         if rid is not None:
             self._emit(Outcome("duplicate", job, result_id=rid))
             return
-        if not self._reference_wanted and self._spot_selected(job.sha256):
-            self._reference_wanted = True
-            self._load_reference_if_wanted()
+        assert self.stage is not None
+        if not self.stage.reference_wanted and self.stage.spot_selected(job.sha256):
+            self.stage.want_reference()
         suspect = self.poison.condemned(job.sha256)
         if suspect is not None:
             self._emit(Outcome("quarantine", job, code="crashed_decoder", reason=(
@@ -614,85 +680,23 @@ class Agent:
         del data
         self.infer_q.put(job)
 
-    # --- stage 3+4: inference and triage -----------------------------------------------------
+    # --- stage 3+4: inference and triage: infer_stage.py; model swaps: modelswap.py -------------------
 
-    def _infer_loop(self) -> None:
-        bs = self.s.batch_size
-        while True:
-            job = self.infer_q.get()
-            if job is STOP:
-                return
-            batch, last = [job], False
-            while len(batch) < bs:
-                try:
-                    j = self.infer_q.get_nowait()
-                except queue.Empty:
-                    break
-                if j is STOP:
-                    last = True
-                    break
-                batch.append(j)
-            t0 = time.perf_counter()
-            try:
-                self._infer_batch(batch)
-                self.timing.add("infer", time.perf_counter() - t0, len(batch))
-                self.wake.put(("wake", "", ""))  # room before the writer: dispatch more files now
-            except InferenceError as e:
-                self._fatal = str(e)
-                self.wake.put(("wake", "", ""))
-                return
-            if last:
-                return
+    def request_reload(self) -> None:
+        """SIGHUP / `systemctl reload`: re-read the settings and the active model, verify, switch (modelswap.py).
+        Safe from a signal handler: it only sets a flag the main loop acts on."""
+        self.reload_requested.set()
+        self.wake.put(("wake", "", ""))
 
-    def _load_reference_if_wanted(self) -> None:
-        """A spot-check is coming: open the FP32 model in a spare thread while the image is still being
-        decoded, instead of stalling the inference thread when it gets there (once the primary is loaded)."""
-        with self._reference_lock:
-            if not self._reference_wanted or self._reference_loader is not None or self.engine.variant is None:
-                return
-            self._reference_loader = threading.Thread(target=self.engine.prepare_reference, daemon=True,
-                                                      name="edge-agent-spot-check-load")
-        self._reference_loader.start()
+    def _start_reload(self) -> None:
+        from .modelswap import start_reload
 
-    def _spot_selected(self, sha256: str) -> bool:
-        """Deterministic by content, so a re-run checks the same images."""
-        f = self.s.spot_check_fraction
-        return f > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < f
+        start_reload(self)
 
-    def _infer_batch(self, batch: list[Job]) -> None:
-        x = np.stack([j.decoded.tensor for j in batch if j.decoded is not None]).astype(np.float32, copy=False)
-        b, policy = self.bundle, self.policy
-        logits, pooled, variant = self.engine.infer_features(x, pooled=b.ood is not None)
-        probs = softmax(logits, b.temperature)
-        ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
-        ref: dict[int, np.ndarray] = {}
-        if self.engine.can_spot_check:
-            idx = [i for i, j in enumerate(batch) if j.sha256 and self._spot_selected(j.sha256)]
-            if idx:
-                r = self.engine.reference(x[idx])
-                if r is not None:
-                    ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
-        processed_at = now_iso()
-        done = time.monotonic()
-        fallback = variant != b.primary
-        for i, j in enumerate(batch):
-            d = j.decoded
-            assert d is not None
-            spot_label, disagree = None, False
-            if i in ref:
-                mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
-                spot_label = theirs.label
-                disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
-            t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
-                       out_of_distribution=ood is not None and bool(b.ood.flags(ood[i], variant)))
-            row = result_row(t, d, sha256=j.sha256, processed_at=processed_at, model_id=b.model_id,
-                             ood_score=None if ood is None else round(float(ood[i]), 4),
-                             variant=variant, fallback=fallback, label_name=b.label_names.get(t.label, t.label),
-                             manifest_sha256=b.manifest_sha256, policy=self.policy_json,
-                             spot_checked=i in ref, spot_label=spot_label,
-                             latency_ms=round((done - j.cand.dispatched) * 1000, 1))
-            j.decoded = None
-            self._emit(Outcome("result", j, row=row))
+    def _swapped(self, old: ActiveModel, new: ActiveModel) -> None:
+        from .modelswap import swapped
+
+        swapped(self, old, new)
 
     def _finished(self, o: Outcome) -> None:
         c = o.job.cand
@@ -708,6 +712,8 @@ class Agent:
             self.intake.done(c.rel, recheck=True)
             return
         self.intake.done(c.rel, settle=o.settle)
+        if self.metrics is not None:
+            self.metrics.observe(o)
         with self._counts_lock:
             if kind == "result":
                 self.counts.results += 1
@@ -739,6 +745,48 @@ def _database_fault(e: BaseException) -> bool:
     """The database failed (cannot be opened, locked, damaged, deleted), as opposed to a bug in a query."""
     return isinstance(e, StoreError) or (isinstance(e, sqlite3.DatabaseError) and not isinstance(
         e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)))
+
+
+def spot_selected(sha256: str, fraction: float) -> bool:
+    """Whether this image gets the FP32 spot-check: deterministic by content, so a re-run (or the backfill,
+    edge_agent/backfill) checks the same images."""
+    return fraction > 0 and int(sha256[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def screen_batch(engine: Engine, bundle: Bundle, policy: Policy, policy_json: str,
+                 items: list[tuple[str | None, Any]], spot_check_fraction: float) -> list[dict[str, Any]]:
+    """Inference, spot-checks and triage of decoded images: one `results` row per (sha256, Decoded), in order
+    (latency_ms 0.0: the caller knows when the image entered). The daemon's inference stage and the backfill's
+    Ray actors (edge_agent/backfill) both call this, so the two can never screen differently."""
+    x = np.stack([d.tensor for _, d in items]).astype(np.float32, copy=False)
+    b = bundle
+    logits, pooled, variant = engine.infer_features(x, pooled=b.ood is not None)
+    probs = softmax(logits, b.temperature)
+    ood = b.ood.score(pooled, variant) if b.ood is not None and pooled is not None else None
+    ref: dict[int, np.ndarray] = {}
+    if engine.can_spot_check:
+        idx = [i for i, (sha, _) in enumerate(items) if sha and spot_selected(sha, spot_check_fraction)]
+        if idx:
+            r = engine.reference(x[idx])
+            if r is not None:
+                ref = dict(zip(idx, softmax(r, b.temperature), strict=True))
+    processed_at = now_iso()
+    fallback = variant != b.primary
+    rows = []
+    for i, (sha, d) in enumerate(items):
+        spot_label, disagree = None, False
+        if i in ref:
+            mine, theirs = triage(probs[i], policy), triage(ref[i], policy)
+            spot_label = theirs.label
+            disagree = theirs.label != mine.label or bool(theirs.rules_hit) != bool(mine.rules_hit)
+        t = triage(probs[i], policy, poor_quality=d.quality.poor, disagreement=disagree,
+                   out_of_distribution=ood is not None and bool(b.ood.flags(ood[i], variant)))
+        rows.append(result_row(t, d, sha256=sha, processed_at=processed_at, model_id=b.model_id, variant=variant,
+                               ood_score=None if ood is None else round(float(ood[i]), 4),
+                               fallback=fallback, label_name=b.label_names.get(t.label, t.label),
+                               manifest_sha256=b.manifest_sha256, policy=policy_json, spot_checked=i in ref,
+                               spot_label=spot_label, latency_ms=0.0))
+    return rows
 
 
 def result_row(t: Any, d: Any, *, sha256: str, processed_at: str, model_id: str, variant: str, fallback: bool,

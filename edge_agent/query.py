@@ -42,7 +42,8 @@ REASON_WORDS = {"high_risk": "high risk", "low_confidence": "low confidence", "p
                 "model_disagreement": "models disagree", "out_of_distribution": "unlike the training images"}
 QUALITY_WORDS = {"blurry": "blurry", "too_dark": "too dark", "overexposed": "overexposed"}
 FILE_STATE_WORDS = {"deleted": "(deleted after screening)", "missing": "(missing: neither in the inbox nor stored)",
-                    "replaced": "(replaced in the inbox by another file)"}
+                    "replaced": "(replaced in the inbox by another file)",
+                    "pruned": "(removed by retention; the result stays)"}
 
 
 class QueryError(ValueError):

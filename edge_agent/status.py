@@ -167,6 +167,7 @@ def collect(conn: sqlite3.Connection, db_path: Path) -> dict[str, Any]:
         warnings.append(f"the agent is not running (no heartbeat for {HEARTBEAT_SECONDS} s and it did not stop "
                         "cleanly); check `systemctl status` / the journal")
     st["warnings"] = warnings
+    ops_collect(conn, st)
     return st
 
 
@@ -202,4 +203,50 @@ def render(st: dict[str, Any], db_path: Path, printable: Any = str) -> list[str]
         lines.append(f"  ... and {more} more (edge-agent status --format json lists up to {LIST_WAITING})")
     if agent.get("paused"):
         lines.append(f"paused:          {agent['paused']}")
+    lines += ops_render(st)
+    return lines
+
+
+# --- issue 14: model swaps, retention, metrics (docs/operations.md) ---------------------------------
+
+def _json_field(text: Any) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except (ValueError, TypeError):
+        return None
+
+
+def ops_collect(conn: sqlite3.Connection, st: dict[str, Any]) -> None:
+    """The operations figures: where the model came from and the last reload's outcome (modelswap.py), files
+    removed by retention (retention.py), and the monitoring figures the daemon posts (metrics.py: the same
+    samples as its Prometheus textfile)."""
+    agent = st["agent"]
+    st["model_source"] = agent.get("model_source")
+    st["model_swap"] = _json_field(agent.get("model_swap"))
+    st["metrics"] = _json_field(agent.get("metrics"))
+    have = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in ("results", "duplicates", "quarantine")}
+    st["pruned"] = {t: conn.execute(f"SELECT count(*) FROM {t} WHERE file_state = 'pruned'").fetchone()[0]
+                    for t, cols in have.items() if "pruned_at" in cols}
+    swap = st["model_swap"]
+    if isinstance(swap, dict) and swap.get("result") == "rejected":
+        st["warnings"].append(f"the last model reload ({swap.get('at')}) was rejected: {swap.get('detail')}; fix or "
+                              "roll back the active model (`edge-agent model rollback`) - the agent keeps screening "
+                              "with the model it runs, but would not start with the rejected one")
+
+
+def ops_render(st: dict[str, Any]) -> list[str]:
+    lines = []
+    if st.get("model_source"):
+        lines.append(f"model from:      {st['model_source']}")
+    swap = st.get("model_swap")
+    if isinstance(swap, dict):
+        lines.append(f"last reload:     {swap.get('result')} at {swap.get('at')}: {swap.get('detail')}")
+    if st.get("pruned") and any(st["pruned"].values()):
+        lines.append("pruned:          " + ", ".join(f"{n} {t}" for t, n in st["pruned"].items() if n)
+                     + " (stored copies removed by retention; the rows stay)")
+    m = st.get("metrics")
+    if isinstance(m, dict):
+        lines.append(f"metrics:         {m.get('edge_agent_images_screened_total', 0):.0f} screened, "
+                     f"{m.get('edge_agent_fallback_results_total', 0):.0f} fallback results since start, backlog "
+                     f"{m.get('edge_agent_backlog', 0):.0f}, paused {m.get('edge_agent_paused', 0):.0f}")
     return lines

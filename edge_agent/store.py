@@ -31,13 +31,13 @@ from typing import Any
 from .bundle import LABEL_RE
 from .share import Share
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
 # created before it was set have 0 and are recognised by their tables instead.
 APPLICATION_ID = 0x45644167
 OUR_TABLES = ("results", "duplicates", "quarantine", "events", "agent_state", "schema_version")
 TABLES = ("results", "duplicates", "quarantine")
-FILE_STATES = ("pending", "moved", "deleted", "kept", "missing", "replaced")
+FILE_STATES = ("pending", "moved", "deleted", "kept", "missing", "replaced", "pruned")
 BUSY_TIMEOUT_MS = 10_000
 WRITER_BUSY_TIMEOUT_MS = 2_000  # the writer gives up a lock wait sooner, to say in the log what it waits for
 LOCK_LOG_SECONDS = 30.0
@@ -344,6 +344,15 @@ def _migration_ood(db: Any) -> None:
         db.conn.execute("ALTER TABLE results ADD COLUMN ood_score REAL")
 
 
+def _migration_retention(db: Any) -> None:
+    """Retention (retention.py): `pruned_at` on results, duplicates and quarantine, the time the stored copy was
+    removed by pruning (file_state 'pruned'). The rows themselves stay: they are the record."""
+    for table in TABLES:
+        have = {r[1] for r in db.conn.execute(f"PRAGMA table_info({table})")}
+        if "pruned_at" not in have:
+            db.conn.execute(f"ALTER TABLE {table} ADD COLUMN pruned_at TEXT")
+
+
 # The worklist order of the review app (review/db.py): cases needing review first, then by calibrated
 # P(malignant), then newest id. An index on exactly these expressions lets keyset paging read one page
 # (LIMIT n) instead of sorting every row: constant time per page at 100,000 results.
@@ -385,7 +394,8 @@ def _migration_reviews(db: Any) -> None:
 MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1),
                                           (2, "results.manifest_sha256 and results.policy", _migration_2),
                                           (3, "results.ood_score", _migration_ood),
-                                          (4, "reviews (append-only), latest_reviews, results_reviewed, worklist "
+                                          (4, "pruned_at (retention)", _migration_retention),
+                                          (5, "reviews (append-only), latest_reviews, results_reviewed, worklist "
                                               "index", _migration_reviews)]
 
 

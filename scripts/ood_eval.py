@@ -52,7 +52,7 @@ def screen(bundle, engine, paths: list[Path], batch: int = 32) -> dict:
     from edge_agent.triage import Policy, softmax, triage
 
     policy = Policy.from_bundle(bundle)
-    scores, reasons, labels, quarantined = [], [], [], 0
+    scores, reasons, labels, quarantined, before = [], [], [], 0, []
     for i in range(0, len(paths), batch):
         decoded = []
         for p in paths[i:i + batch]:
@@ -68,10 +68,12 @@ def screen(bundle, engine, paths: list[Path], batch: int = 32) -> dict:
         probs = softmax(logits, bundle.temperature)
         for k, d in enumerate(decoded):
             t = triage(probs[k], policy, poor_quality=d.quality.poor, out_of_distribution=bool(bundle.ood.flags(s[k], variant)))
+            before.append(triage(probs[k], policy, poor_quality=d.quality.poor).reasons)  # = the format-2 bundle
             scores.append(float(s[k]))
             reasons.append(t.reasons)
             labels.append(t.label)
-    return {"scores": np.array(scores), "reasons": reasons, "labels": labels, "quarantined": quarantined}
+    return {"scores": np.array(scores), "reasons": reasons, "labels": labels, "quarantined": quarantined,
+            "before": before}
 
 
 def split_paths(bundle_dir: Path, data: Path) -> dict[str, list[Path]]:
@@ -125,14 +127,16 @@ def main() -> int:
         s = r["scores"]
         flagged = float((s > bundle.ood.thresholds[variant]).mean()) if len(s) else float("nan")
         cleared = sum(1 for x in r["reasons"] if not x)
+        cleared_before = sum(1 for x in r["before"] if not x)
         row = {"images": len(s), "quarantined": r["quarantined"], "median_score": float(np.median(s)),
-               "flagged_ood": flagged, "no_review_flag": cleared}
+               "flagged_ood": flagged, "no_review_flag": cleared, "no_review_flag_without_ood": cleared_before}
         if name != "ham10000 test":
             row["auroc_vs_ham_test"] = auroc(ref, s)
             row["auroc_ci"] = auroc_ci(ref, s)
         out["sets"][name] = row
         auc = f"{row['auroc_vs_ham_test']:.4f} [{row['auroc_ci'][0]:.4f}, {row['auroc_ci'][1]:.4f}]" if "auroc_vs_ham_test" in row else "-"
-        table.append(f"| {name} | {len(s)} | {r['quarantined']} | {row['median_score']:.2f} | {flagged:.1%} | {auc} | {cleared} |")
+        table.append(f"| {name} | {len(s)} | {r['quarantined']} | {row['median_score']:.2f} | {flagged:.1%} | {auc} | "
+                     f"{cleared_before} | {cleared} |")
     nd = res["non-dermoscopy"]
     per_kind: dict[str, list] = {}
     for k, s, rs, lab in zip(nd_kind, nd["scores"], nd["reasons"], nd["labels"]):
@@ -148,8 +152,9 @@ def main() -> int:
         f"OOD flag of {bundle.model_id} ({variant}), threshold {bundle.ood.thresholds[variant]:.3f} "
         f"(the {bundle.manifest['ood'].get('quantile', 0.98):.0%} quantile of the build's validation scores); "
         f"non-dermoscopy pictures generated with seed {a.seed}",
-        "", "| set | images | quarantined | median score | flagged out_of_distribution | AUROC vs HAM10000 test [95% CI] | no review flag at all |",
-        "|---|---|---|---|---|---|---|", *table, "",
+        "", "| set | images | quarantined | median score | flagged out_of_distribution | AUROC vs HAM10000 test [95% CI] "
+        "| no review flag at all, without the OOD check (format 2) | no review flag at all, now |",
+        "|---|---|---|---|---|---|---|---|", *table, "",
         "| non-dermoscopy kind | images | flagged out_of_distribution | cleared as nevus (no flag) |", "|---|---|---|---|",
         *kind_rows])
     print(md)

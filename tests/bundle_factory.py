@@ -167,3 +167,111 @@ def make_bundle(bundle: Path, *, seed: int = 0, int8_seed: int | None = None, in
     m.update(manifest_overrides)
     write_manifest(bundle, m, sign=sign)
     return bundle
+
+
+# --- format 3: a feature-map output, the classifier head, OOD statistics -------------------------------------
+
+FEATURES = "features"
+
+
+def conv_filters() -> np.ndarray:
+    """8 fixed 3x3 filters over RGB: the three colour means, a vertical and a horizontal edge per image, and two
+    Laplacians: enough for colour and texture to tell a skin photograph from noise or a printed page."""
+    k = np.zeros((8, 3, 3, 3), np.float32)
+    for c in range(3):
+        k[c, c] = 1 / 9
+    edge = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32) / 8
+    k[3, :] = edge / 3
+    k[4, :] = edge.T / 3
+    k[5, :] = -edge / 3
+    lap = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32) / 4
+    k[6, :] = lap / 3
+    k[7, :] = -lap / 3
+    return k
+
+
+def conv_classifier(seed: int = 0, size: int = SIZE, n_classes: int = len(LABELS), features_output: bool = True,
+                    scale: float = 4.0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """ONNX model input -> Conv(8 fixed filters, stride 2) -> Relu -> [features] -> GlobalAveragePool -> Flatten
+    -> Gemm -> logits; returns (bytes, head weight K x 8, head bias K) so tests know the true head."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_classes, 8)) * scale).astype(np.float32)
+    b = (rng.standard_normal(n_classes) * 0.5).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "K"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["conv"], ["fmap"]),
+        helper.make_node("GlobalAveragePool", ["fmap"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["feat"], axis=1),
+        helper.make_node("Gemm", ["feat", "W", "B"], ["logits"], transB=1),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])]
+    if features_output:
+        nodes.append(helper.make_node("Identity", ["fmap"], [FEATURES]))
+        outputs.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", 8, None, None]))
+    graph = helper.make_graph(
+        nodes, "tiny_conv_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])], outputs,
+        initializer=[numpy_helper.from_array(conv_filters(), "K"), numpy_helper.from_array(w, "W"),
+                     numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edge-agent-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), w, b
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+def reference_tensors(size: int = SIZE, n: int = 72, seed: int = 0) -> np.ndarray:
+    """Preprocessed crops and flips of the committed dermoscopy examples: the fixture's 'training images'."""
+    import cv2
+
+    from edge_agent.preprocess import Preprocessing, preprocess
+
+    pre = Preprocessing.from_dict(default_manifest(size)["preprocessing"])
+    rng = np.random.default_rng(seed)
+    ims = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    out = []
+    for i in range(n):
+        im = ims[i % len(ims)]
+        h, w = im.shape[:2]
+        s = rng.uniform(0.6, 1.0)
+        ch, cw = int(h * s), int(w * s)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = im[y:y + ch, x:x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(preprocess(np.ascontiguousarray(crop), pre))
+    return np.stack(out).astype(np.float32)
+
+
+def make_bundle_v3(bundle: Path, *, seed: int = 0, size: int = SIZE, sign: bool = True, quantile: float = 0.98,
+                   **manifest_overrides: Any) -> Path:
+    """A format-3 bundle: the conv classifier with its feature output, head.npz, and ood.npz fitted (with
+    edge_agent.ood, the agent's own arithmetic) on reference_tensors(), threshold at `quantile` of their scores."""
+    import onnxruntime as ort
+
+    from edge_agent import ood
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    model, w, b = conv_classifier(seed, size)
+    for v in ("fp32", "int8"):
+        (bundle / f"model.{v}.onnx").write_bytes(model)
+    with open(bundle / "head.npz", "wb") as f:
+        np.savez(f, weight=w, bias=b)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = reference_tensors(size)
+    logits, fmap = sess.run(["logits", FEATURES], {"input": x})
+    pooled = fmap.mean(axis=(2, 3))
+    whiten, means = ood.fit(pooled, logits.argmax(1), 0.05)
+    t = float(np.quantile(ood.score(pooled, whiten.astype(np.float16).astype(np.float32), means), quantile))
+    ood.save(bundle / "ood.npz", {"fp32": (whiten, means), "int8": (whiten, means)})
+    (bundle / "split.csv").write_text("image_id,label,group,split\nISIC_0024332,bcc,HAM_0002240,test\n")
+    (bundle / "report.md").write_text("# Test bundle (format 3)\n\nFixed filters; for pipeline tests only.\n")
+    m = default_manifest(size)
+    m.update(format_version=3, features={"output": FEATURES, "head": "head.npz"},
+             ood={"file": "ood.npz", "method": ood.METHOD, "thresholds": {"fp32": t, "int8": t}, "quantile": quantile})
+    m.update(manifest_overrides)
+    write_manifest(bundle, m, sign=sign)
+    return bundle

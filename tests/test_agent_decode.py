@@ -112,7 +112,7 @@ def test_corrupt_pixel_data_is_rejected_not_crashing(sample: np.ndarray) -> None
     mid = len(data) // 2
     data[mid:mid + 64] = b"\xde\xad\xbe\xef" * 16  # broken zlib stream, CRC mismatch; IEND still present
     r = rejected(bytes(data))
-    assert r.code == "decode_failed"
+    assert r.code == "corrupt" and "CRC" in r.reason  # every chunk's CRC is checked before decoding (issue 14)
 
 
 def test_exif_orientation_is_honoured(sample: np.ndarray) -> None:

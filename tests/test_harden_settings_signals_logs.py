@@ -41,16 +41,26 @@ def test_unknown_edge_agent_variable_is_refused_naming_the_valid_ones(dirs, bund
     load_settings({}, environ={"EDGE_AGENT_CONFIG": "", "EDGE_AGENT_CRASH_AT": ""})  # ours, not settings
 
 
-def test_sighup_stops_the_daemon_gracefully(procs, dirs, bundle_dir, tmp_path) -> None:
+def test_sighup_reloads_and_restarts_only_for_settings_that_need_it(procs, dirs, bundle_dir, tmp_path) -> None:
+    """SIGHUP (`systemctl reload`) reloads in place (issue 14: the model; tests/test_ops_model_swap.py); a changed
+    setting that only applies at start makes the daemon stop gracefully with exit 4, which the unit restarts."""
     shas = write_images(dirs["inbox"], distinct_images(4, seed=201))
-    a = AgentProc("run", site_args(dirs, bundle_dir, "--quiet-seconds", "0.2"), tmp_path / "a.log", registry=procs)
+    cfg = tmp_path / "config.toml"
+    body = f'inbox = "{dirs["inbox"]}"\ndb = "{dirs["db"]}"\nmodel = "{bundle_dir}"\nworkers = 2\nthreads = 1\n'
+    cfg.write_text(body + "quiet_seconds = 0.2\n")
+    a = AgentProc("run", ["--config", str(cfg)], tmp_path / "a.log", registry=procs)
     wait_for(lambda: outcome_count(dirs["db"]) == 4, what="the files", proc=a)
     a._signal(signal.SIGHUP)
-    assert a.wait(60) == 4, a.log()[-3000:]  # 4: stopped on SIGHUP (killed by the signal would be -1)
-    assert "SIGHUP received" in a.log() and "stopped:" in a.log()
+    wait_for(lambda: "is already the running model" in a.log(), what="reload without change", proc=a)
+    assert a.alive()
+    cfg.write_text(body + "quiet_seconds = 0.5\n")
+    a._signal(signal.SIGHUP)
+    assert a.wait(60) == 4, a.log()[-3000:]  # 4: stopped to restart (killed by the signal would be -1)
+    assert "SIGHUP received" in a.log() and "settings changed (quiet_seconds)" in a.log() and "stopped:" in a.log()
     assert_exactly_once(dirs, shas)
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "edge-agent.service").read_text()
     assert "RestartForceExitStatus=4" in unit and "SuccessExitStatus=4" in unit  # systemd starts it again
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
 
 def test_scan_stops_cleanly_on_sighup_and_sigint(dirs, bundle_dir, tmp_path) -> None:

@@ -313,3 +313,13 @@ def test_export_csv_and_json_have_results_with_latest_verdicts(client, site) -> 
     assert len(data) == 9 and isinstance(data[0]["probabilities"], dict)
     hist = list(csv.DictReader(io.StringIO(get(client, "/export.csv?what=reviews").get_data(as_text=True))))
     assert len(hist) == 1 and hist[0]["result_id"] == "1"
+
+
+def test_a_pruned_image_says_retention_removed_it(client, site) -> None:
+    conn = sqlite3.connect(site.db)
+    conn.execute("UPDATE results SET file_state = 'pruned', pruned_at = '2026-11-01T10:00:00.000Z' WHERE id = 1")
+    conn.commit()
+    conn.close()
+    page = get(client, "/case/1").get_data(as_text=True)
+    assert "removed by retention" in page and 'id="photo"' not in page
+    assert "probabilities and its reviews remain" in page

@@ -11,42 +11,50 @@ from conftest import rows, scan_now
 from edge_agent.store import SCHEMA_VERSION, connect, migrate
 
 
+LATER_COLUMNS = {  # columns that migrations after `version` add, per table
+    2: {"results": ("manifest_sha256", "policy")},
+    3: {"results": ("ood_score",)},
+    4: {"results": ("pruned_at",), "duplicates": ("pruned_at",), "quarantine": ("pruned_at",)},
+}
+
+
 def _downgrade_to(db: Path, version: int) -> None:
-    """Make a real agent database look like one written by the agent of schema `version` (2 = today's before
-    this change; 1 = before provenance): drop what later migrations added."""
+    """Make a real agent database look like one written by the agent of schema `version`: drop what later
+    migrations added (reviews and its views/index, and the later columns)."""
     conn = sqlite3.connect(db)
     conn.executescript("DROP VIEW IF EXISTS results_reviewed; DROP VIEW IF EXISTS latest_reviews; "
                        "DROP TRIGGER IF EXISTS reviews_no_update; DROP TRIGGER IF EXISTS reviews_no_delete; "
                        "DROP TABLE IF EXISTS reviews; DROP INDEX IF EXISTS idx_results_worklist;")
     conn.execute(f"DELETE FROM schema_version WHERE version > {version}")
-    if version < 2:
-        conn.execute("ALTER TABLE results DROP COLUMN manifest_sha256")
-        conn.execute("ALTER TABLE results DROP COLUMN policy")
+    for v, tables in LATER_COLUMNS.items():
+        if v > version:
+            for table, cols in tables.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                for c in cols:
+                    if c in have:
+                        conn.execute(f"ALTER TABLE {table} DROP COLUMN {c}")
     conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_old_database_gains_reviews_and_keeps_every_row(dirs, bundle_dir, example_images, version) -> None:
     for p in example_images[:4]:
         (dirs["inbox"] / p.name).write_bytes(p.read_bytes())
     (dirs["inbox"] / "junk.txt").write_text("x")
     assert scan_now(dirs, bundle_dir)[0] == 0
     _downgrade_to(dirs["db"], version)
-    before = {t: [tuple(r) for r in rows(dirs["db"], f"SELECT * FROM {t} ORDER BY id")]
-              for t in ("results", "quarantine", "duplicates", "events")}
+    tables = ("results", "quarantine", "duplicates", "events")
+    cols = {t: [r[1] for r in rows(dirs["db"], f"PRAGMA table_info({t})")] for t in tables}
+    before = {t: [tuple(r) for r in rows(dirs["db"], f"SELECT * FROM {t} ORDER BY id")] for t in tables}
     conn = connect(dirs["db"])
     migrate(conn)
     migrate(conn)  # idempotent: a second run changes nothing
     conn.close()
     assert rows(dirs["db"], "PRAGMA user_version")[0][0] == SCHEMA_VERSION
-    for t, old in before.items():
-        new = [tuple(r) for r in rows(dirs["db"], f"SELECT * FROM {t} ORDER BY id")]
-        if t == "results" and version == 1:  # the provenance columns come back empty, the rest is identical
-            cols = [r[1] for r in rows(dirs["db"], "PRAGMA table_info(results)")]
-            new = [tuple(v for c, v in zip(cols, r) if c not in ("manifest_sha256", "policy")) for r in
-                   rows(dirs["db"], "SELECT * FROM results ORDER BY id")]
+    for t, old in before.items():  # every row, every old column, unchanged (later columns come back empty)
+        new = [tuple(r) for r in rows(dirs["db"], f"SELECT {', '.join(cols[t])} FROM {t} ORDER BY id")]
         assert new == old, t
     assert len(before["results"]) == 4 and len(before["quarantine"]) == 1
     names = {r[0] for r in rows(dirs["db"], "SELECT name FROM sqlite_master")}

@@ -209,6 +209,9 @@ def create_app(cfg: ReviewConfig) -> Flask:
 
     def image_state(row: dict[str, Any]) -> tuple[bool, str]:
         """(can the browser show it, why not)."""
+        if row.get("file_state") == "pruned":
+            return False, (f"the image was removed by retention (pruned {show_time(row.get('pruned_at'))}); the "
+                           "result, its probabilities and its reviews remain")
         try:
             f = open_inside(row.get("stored_path"), (processed,))
         except NotServable as e:
