@@ -462,6 +462,39 @@ def status(db: Path | None, config_file: Path | None, fmt: str, as_json: bool) -
     sys.exit(1 if st["warnings"] else 0)
 
 
+# --- review (review/: the clinician web app and its static export) ----------------------------
+
+@main.command()
+@_db_options
+@click.option("--inbox", type=click.Path(path_type=Path), help="the agent's inbox (processed/quarantine default to "
+              "its siblings, as for `run`)")
+@click.option("--processed-dir", type=click.Path(path_type=Path), help=_help("processed_dir"))
+@click.option("--quarantine-dir", type=click.Path(path_type=Path), help=_help("quarantine_dir"))
+@click.option("--model", type=click.Path(path_type=Path), help="model bundle for heatmaps (default: as `run`)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; keep the loopback address: the app has no login")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="TCP port")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="instead of serving, write a static HTML worklist (thumbnails, heatmaps, probabilities) into DIR")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
+              help="--export: at most N cases, highest risk first")
+@click.option("--all", "include_all", is_flag=True, help="--export: include results that were not flagged")
+def review(db: Path | None, config_file: Path | None, inbox: Path | None, processed_dir: Path | None,
+           quarantine_dir: Path | None, model: Path | None, host: str, port: int, export_dir: Path | None,
+           limit: int, include_all: bool) -> None:
+    """Clinician review: a local web app (worklist by risk, case page with heatmap, verdicts, quarantine,
+    CSV/JSON export) at http://127.0.0.1:8765/, or with --export DIR a static HTML worklist. Needs the
+    [review] extra (pip install 'edge-derm-screen[review]'). See docs/review.md."""
+    from .review.cli import serve_or_export
+
+    s = _load({"db": db, "inbox": inbox, "processed_dir": processed_dir, "quarantine_dir": quarantine_dir,
+               "model": model}, config_file)
+    try:
+        serve_or_export(s, host, port, export_dir, limit, include_all, echo=click.echo)
+    except (ConfigError, StoreError, RuntimeError) as e:
+        _fail(str(e))
+
+
 # --- prune (retention.py) ----------------------------------------------------------------------
 
 @main.command()

@@ -31,7 +31,7 @@ from typing import Any
 from .bundle import LABEL_RE
 from .share import Share
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # PRAGMA application_id of an edge-agent database ("EdAg"): tells ours from any other SQLite file. Databases
 # created before it was set have 0 and are recognised by their tables instead.
 APPLICATION_ID = 0x45644167
@@ -373,11 +373,51 @@ def _migration_site_calibration(db: Any) -> None:
         updated_at TEXT NOT NULL)""")
 
 
+# The worklist order of the review app (review/db.py): cases needing review first, then by calibrated
+# P(malignant), then newest id. An index on exactly these expressions lets keyset paging read one page
+# (LIMIT n) instead of sorting every row: constant time per page at 100,000 results.
+WORKLIST_INDEX_SQL = ("CREATE INDEX IF NOT EXISTS idx_results_worklist ON results "
+                      "(needs_review, coalesce(p_high_risk, -1.0), id)")
+
+
+def _migration_reviews(db: Any) -> None:
+    """Clinician reviews (review app, docs/review.md): an append-only `reviews` table - a verdict is never
+    changed or deleted, a later one supersedes it - `latest_reviews` (the newest review of each result) and
+    `results_reviewed` (every result with its latest verdict, NULL when not reviewed). `results` is not
+    changed. Triggers refuse UPDATE and DELETE on reviews, so the audit trail holds even for a tool that
+    writes SQL directly."""
+    conn = db.conn
+    conn.execute("""CREATE TABLE IF NOT EXISTS reviews (
+        id INTEGER PRIMARY KEY,
+        result_id INTEGER NOT NULL REFERENCES results(id),
+        result_sha256 TEXT NOT NULL,
+        reviewed_at TEXT NOT NULL,
+        reviewer TEXT NOT NULL,
+        agree INTEGER NOT NULL CHECK (agree IN (0, 1)),
+        diagnosis TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('none', 'follow_up', 'excise', 'refer')),
+        histopathology TEXT NOT NULL DEFAULT '',
+        note TEXT NOT NULL DEFAULT '')""")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_reviews_result ON reviews (result_id, id)")
+    conn.execute("CREATE TRIGGER IF NOT EXISTS reviews_no_update BEFORE UPDATE ON reviews "
+                 "BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END")
+    conn.execute("CREATE TRIGGER IF NOT EXISTS reviews_no_delete BEFORE DELETE ON reviews "
+                 "BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END")
+    conn.execute("CREATE VIEW IF NOT EXISTS latest_reviews AS SELECT r.* FROM reviews r "
+                 "WHERE r.id = (SELECT max(id) FROM reviews WHERE result_id = r.result_id)")
+    conn.execute("CREATE VIEW IF NOT EXISTS results_reviewed AS SELECT res.*, lr.id AS review_id, "
+                 "lr.reviewed_at, lr.reviewer, lr.agree, lr.diagnosis, lr.action, lr.histopathology, "
+                 "lr.note AS review_note FROM results res LEFT JOIN latest_reviews lr ON lr.result_id = res.id")
+    conn.execute(WORKLIST_INDEX_SQL)
+
+
 MIGRATIONS: list[tuple[int, str, Any]] = [(1, "initial schema", _migration_1),
                                           (2, "results.manifest_sha256 and results.policy", _migration_2),
                                           (3, "results.ood_score", _migration_ood),
                                           (4, "pruned_at (retention)", _migration_retention),
-                                          (5, "results.calibration_id and daily_figures", _migration_site_calibration)]
+                                          (5, "results.calibration_id and daily_figures", _migration_site_calibration),
+                                          (6, "reviews (append-only), latest_reviews, results_reviewed, worklist "
+                                              "index", _migration_reviews)]
 
 
 def migrate(conn: sqlite3.Connection, labels: Sequence[str] = ()) -> None:
