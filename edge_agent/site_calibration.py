@@ -377,16 +377,20 @@ def screen(files: list[tuple[Path, str]], bundle: Bundle, *, max_pixels: int, ma
 
 
 def reviews_available(conn: sqlite3.Connection) -> bool:
+    """A reviews table with verdict columns and at least one verdict (the review app's migration creates the
+    table empty)."""
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reviews)")}
-    return {"result_id"} <= cols and bool({"diagnosis", "histopathology"} & cols)
+    if not ({"result_id"} <= cols and bool({"diagnosis", "histopathology"} & cols)):
+        return False
+    return conn.execute("SELECT 1 FROM reviews LIMIT 1").fetchone() is not None
 
 
 _VERDICTS = {
-    "both": "SELECT r.id, r.model_id, r.probabilities, r.policy, COALESCE(NULLIF(TRIM(v.histopathology), ''), "
-            "NULLIF(TRIM(v.diagnosis), '')) FROM reviews v JOIN results r ON r.id = v.result_id",
-    "histopathology": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.histopathology), '') "
-                      "FROM reviews v JOIN results r ON r.id = v.result_id",
-    "diagnosis": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.diagnosis), '') "
+    "both": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.histopathology), ''), "
+            "NULLIF(TRIM(v.diagnosis), '') FROM reviews v JOIN results r ON r.id = v.result_id",
+    "histopathology": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULLIF(TRIM(v.histopathology), ''), "
+                      "NULL FROM reviews v JOIN results r ON r.id = v.result_id",
+    "diagnosis": "SELECT r.id, r.model_id, r.probabilities, r.policy, NULL, NULLIF(TRIM(v.diagnosis), '') "
                  "FROM reviews v JOIN results r ON r.id = v.result_id",
 }
 _LATEST = " WHERE v.rowid = (SELECT max(w.rowid) FROM reviews w WHERE w.result_id = v.result_id)"
@@ -412,16 +416,20 @@ def cases_from_reviews(conn: sqlite3.Connection, bundle: Bundle) -> Cases:
     logits, ys = [], []
     other_model = no_verdict = 0
     unknown: Counter[str] = Counter()
-    for rid, model_id, probs, policy, v in rows:
+    for rid, model_id, probs, policy, histo, diag in rows:
         if model_id != bundle.model_id:
             other_model += 1
             continue
-        if not v:
+        if not histo and not diag:
             no_verdict += 1
             continue
-        code = lookup.get(str(v).strip().lower())
+        # Histopathology wins when it names a label of the model; the review app stores it as free text
+        # ("compound nevus, no atypia"), so a report that names none falls back to the clinical diagnosis.
+        code = lookup.get(str(histo).strip().lower()) if histo else None
+        if code is None and diag:
+            code = lookup.get(str(diag).strip().lower())
         if code is None:
-            unknown[str(v)] += 1
+            unknown[str(histo or diag)] += 1
             continue
         try:
             p = json.loads(probs)

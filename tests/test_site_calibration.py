@@ -261,7 +261,7 @@ def test_calibrate_reports_images_the_agent_quarantines(fresh_bundle, tmp_path, 
     assert doc["data"]["cases"] == 44 and doc["data"]["excluded"] == 2
 
 
-def test_calibrate_from_reviews_absent_table_is_a_clear_error(fresh_bundle, dirs, example_images):
+def test_calibrate_from_reviews_without_verdicts_is_a_clear_error(fresh_bundle, dirs, example_images):
     _scan_env(dirs, fresh_bundle, example_images, 2)
     scan_now(dirs, fresh_bundle)
     r = CliRunner().invoke(main, ["calibrate", "--from-reviews", "--db", str(dirs["db"]), "--model", str(fresh_bundle)])
@@ -271,13 +271,13 @@ def test_calibrate_from_reviews_absent_table_is_a_clear_error(fresh_bundle, dirs
 def test_calibrate_from_reviews_uses_recorded_verdicts(fresh_bundle, dirs, example_images):
     variant_jpegs(example_images, dirs["inbox"], 44)
     scan_now(dirs, fresh_bundle)
-    conn = sqlite3.connect(dirs["db"])
-    conn.execute("CREATE TABLE reviews (id INTEGER PRIMARY KEY, result_id INTEGER, diagnosis TEXT, "
-                 "histopathology TEXT)")
-    ids = [r[0] for r in conn.execute("SELECT id FROM results ORDER BY id")]
-    for k, rid in enumerate(ids):
-        conn.execute("INSERT INTO reviews (result_id, diagnosis, histopathology) VALUES (?, ?, ?)",
-                     (rid, "nv", "mel" if k < 22 else ""))  # histopathology wins over the clinical diagnosis
+    conn = sqlite3.connect(dirs["db"])  # the review app's table (store migration 6)
+    ids = [r for r in conn.execute("SELECT id, sha256 FROM results ORDER BY id")]
+    for k, (rid, sha) in enumerate(ids):
+        histo = "mel" if k < 22 else ("compound nevus, no atypia" if k % 2 else "")  # free text: diagnosis counts
+        conn.execute("INSERT INTO reviews (result_id, result_sha256, reviewed_at, reviewer, agree, diagnosis, action, "
+                     "histopathology, note) VALUES (?, ?, '2026-11-28T00:00:00Z', 'dr test', 1, 'nv', 'none', ?, '')",
+                     (rid, sha, histo))  # histopathology naming a label wins over the clinical diagnosis
     conn.commit()
     conn.close()
     r = CliRunner().invoke(main, ["calibrate", "--from-reviews", "--db", str(dirs["db"]), "--model",
