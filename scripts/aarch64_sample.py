@@ -63,8 +63,6 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _screen(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from edge_agent.bundle import default_bundle_path, load_bundle
     from edge_agent.config import Settings
     from edge_agent.decode import QualityLimits, decode_image
