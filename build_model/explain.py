@@ -163,13 +163,18 @@ def fit_ood(models: dict[str, Path], train_x: np.ndarray, train_y: np.ndarray, v
         resid = f_train - np.stack([f_train[train_y == k].mean(0) for k in classes])[np.searchsorted(classes, train_y)]
         shrink = max(float(ledoit_wolf_shrinkage(resid, assume_centered=True)), MIN_SHRINKAGE)
         w, means = ood_mod.fit(f_train, train_y, shrink)
-        s_train = ood_mod.score(f_train, w.astype(np.float16).astype(np.float32), means)
-        s_val = ood_mod.score(f_val, w.astype(np.float16).astype(np.float32), means)
+        w_run = ood_mod.stored(w).astype(np.float32)  # score with exactly what the agent will load
+        s_train = ood_mod.score(f_train, w_run, means)
+        s_val = ood_mod.score(f_val, w_run, means)
         t = float(np.quantile(s_val, quantile))
+        if not np.isfinite(t) or t <= 0:  # degenerate features (e.g. a model trained for one epoch on toy data)
+            log(f"ood {variant}: the validation scores give no usable threshold ({t}); using 1e-6, so nearly "
+                "every image will be flagged out_of_distribution: the model's features do not separate images")
+            t = 1e-6
         stats[variant], thresholds[variant] = (w, means), round(t, 6)
-        summary[variant] = {"shrinkage": round(shrink, 6), "train_median": round(float(np.median(s_train)), 4),
-                            "val_median": round(float(np.median(s_val)), 4),
-                            "val_flagged": round(float((s_val > t).mean()), 4)}
+        summary[variant] = {k: (round(v, 6) if np.isfinite(v) else None) for k, v in (
+            ("shrinkage", shrink), ("train_median", float(np.median(s_train))),
+            ("val_median", float(np.median(s_val))), ("val_flagged", float((s_val > t).mean())))}
         log(f"ood {variant}: shrinkage {shrink:.4f}, validation median {np.median(s_val):.3f}, threshold {t:.3f} "
             f"(flags {(s_val > t).mean():.1%} of validation images)")
     block = {"method": ood_mod.METHOD, "thresholds": thresholds, "quantile": quantile,

@@ -15,8 +15,9 @@ statistics with `fit` and writes them with `save`; the agent loads them with
 never imports torch.
 
 Storage (`ood.npz` in the bundle, docs/bundle-format.md): per variant
-`<variant>_whiten` (C x C, float16: half the bytes, a relative error of about
-1e-3 on a score whose threshold sits at the 99th percentile) and
+`<variant>_whiten` (C x C, float16 when it fits - half the bytes, a relative
+error of about 1e-3 on a score whose threshold sits at the 98th percentile -
+else float32) and
 `<variant>_means` (K x C, whitened class means, float32). The score is
 min_k ||x W - m_k||^2 / C.
 """
@@ -85,15 +86,24 @@ def fit(features: np.ndarray, classes: np.ndarray, shrinkage: float) -> tuple[np
     cov = resid.T @ resid / max(len(x) - len(present), 1)
     cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
     vals, vecs = np.linalg.eigh(cov)
-    vals = np.maximum(vals, vals.max() * 1e-9)
+    # Floor the spectrum: a dead feature (always 0, common in a barely trained model) has variance 0, and
+    # its inverse would be infinite; 1e-12 absolute keeps an all-zero toy model finite too.
+    vals = np.maximum(vals, max(float(vals.max()) * 1e-9, 1e-12))
     w = vecs / np.sqrt(vals)[None, :]  # x W has identity covariance within classes
     return w.astype(np.float32), (mu @ w).astype(np.float32)
+
+
+def stored(w: np.ndarray) -> np.ndarray:
+    """The whitening matrix as `save` stores it: float16 when every entry fits (the usual case: half the bytes),
+    float32 otherwise (a near-singular covariance gives entries beyond float16's 65504)."""
+    w = np.asarray(w, dtype=np.float32)
+    return w.astype(np.float16) if np.all(np.isfinite(w)) and float(np.abs(w).max(initial=0.0)) < 6e4 else w
 
 
 def save(path: Path, per_variant: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for variant, (w, m) in per_variant.items():
-        arrays[f"{variant}_whiten"] = w.astype(np.float16)
+        arrays[f"{variant}_whiten"] = stored(w)
         arrays[f"{variant}_means"] = m.astype(np.float32)
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)

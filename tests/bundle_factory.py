@@ -265,7 +265,7 @@ def make_bundle_v3(bundle: Path, *, seed: int = 0, size: int = SIZE, sign: bool 
     logits, fmap = sess.run(["logits", FEATURES], {"input": x})
     pooled = fmap.mean(axis=(2, 3))
     whiten, means = ood.fit(pooled, logits.argmax(1), 0.05)
-    t = float(np.quantile(ood.score(pooled, whiten.astype(np.float16).astype(np.float32), means), quantile))
+    t = float(np.quantile(ood.score(pooled, ood.stored(whiten).astype(np.float32), means), quantile))
     ood.save(bundle / "ood.npz", {"fp32": (whiten, means), "int8": (whiten, means)})
     (bundle / "split.csv").write_text("image_id,label,group,split\nISIC_0024332,bcc,HAM_0002240,test\n")
     (bundle / "report.md").write_text("# Test bundle (format 3)\n\nFixed filters; for pipeline tests only.\n")

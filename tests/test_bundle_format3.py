@@ -245,3 +245,16 @@ def test_model_info_says_whether_the_bundle_checks_ood_and_can_draw_heatmaps(bun
     assert "ood check:     off: the bundle (format 1)" in old.output and "heatmaps:      no" in old.output
     new = CliRunner().invoke(main, ["model", "info", str(v3)])
     assert "ood check:     mahalanobis-tied, flag above" in new.output and "heatmaps:      yes" in new.output
+
+
+def test_ood_fit_of_dead_features_stays_finite_and_is_stored_exactly(tmp_path: Path) -> None:
+    """A barely trained model has features that are always 0: the fit must stay finite (no NaN in a manifest)
+    and a whitening matrix beyond float16's range is stored as float32 (build-model all on toy data found it)."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.random((50, 3)), np.zeros((50, 2))], axis=1)  # two dead features
+    w, m = ood.fit(x, np.repeat([0, 1], 25), shrinkage=0.0)
+    assert np.all(np.isfinite(w)) and np.all(np.isfinite(m)) and np.abs(w).max() > 6e4
+    ood.save(tmp_path / "o.npz", {"int8": (w, m), "fp32": (w, m)})
+    spec = {"method": ood.METHOD, "thresholds": {"int8": 1.0, "fp32": 1.0}}
+    got = ood.load((tmp_path / "o.npz").read_bytes(), spec, ["fp32", "int8"])
+    assert np.array_equal(got.whiten["int8"], w) and np.all(np.isfinite(got.score(x, "int8")))
