@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from build_model.model import EfficientNetLite0, load_imagenet, padding_check, same_pads
-from edge_agent.bundle import verify_bundle
+from edge_agent.bundle import load_bundle, verify_bundle
 from tests.build_fixtures import make_ham
 from tests.bundle_factory import TEST_PRIVATE_KEY
 
@@ -59,8 +59,11 @@ def test_all_writes_a_bundle_the_agent_accepts(built: tuple[Path, Path]) -> None
     rep = verify_bundle(out)
     assert rep.ok, rep.errors
     m = rep.manifest
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.sig", "model.fp32.onnx", "model.int8.onnx",
-                                                     "report.md", "split.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["head.npz", "manifest.json", "manifest.sig", "model.fp32.onnx",
+                                                     "model.int8.onnx", "ood.npz", "report.md", "split.csv"]
+    assert m["format_version"] == 3 and m["features"]["output"] == "features"  # heatmaps and OOD statistics
+    b = load_bundle(out)
+    assert b.head is not None and b.ood is not None and b.ood.feature_dim == b.head.feature_dim
     assert rep.signature is not None and rep.signature.valid
     assert m["labels"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert m["primary"] in ("int8", "fp32") and m["gate"]["approved"] == (m["primary"] == "int8")
