@@ -21,6 +21,7 @@ from pathlib import Path
 
 from faults import (AgentProc, agent_env, assert_exactly_once, distinct_images, inbox_files, integrity, outcome_count,
                     outcome_rows, sha, site_args, wait_for, write_images)
+from conftest import rows
 
 N_IMAGES = 700  # at least 300; extra so that even a fast machine has work left at every kill
 # (crash point, n-th time it is reached) for the hook rounds; None: a random SIGKILL from outside.
@@ -110,6 +111,12 @@ def test_sigkill_at_many_points_then_restart_loses_and_duplicates_nothing(procs,
              timeout=120, what="every file to be finished", proc=a)
     a.term()
     assert a.wait(60) == 0, a.log()[-3000:]
-    counts = assert_exactly_once(dirs, shas, bad)
+    # Two kills in a row (at any crash point) while the same file sat in a decode worker condemn it by the
+    # poison-pill rule (poison.py: "died twice in a row while decoding it"): that is an outcome, not a loss,
+    # and with pipelined decoding this schedule can produce it; anything else quarantined is a failure.
+    condemned = {r["original_name"] for r in rows(dirs["db"], "SELECT original_name FROM quarantine "
+                                                              "WHERE reason_code = 'crashed_decoder'")}
+    assert len(condemned) <= 2, condemned
+    counts = assert_exactly_once(dirs, shas, set(bad) | condemned)
     assert counts["duplicates"] == 4
     assert len(kills) >= 10
