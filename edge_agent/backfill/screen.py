@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..benchstats import peak_rss_mb
 from ..bundle import load_bundle
 from ..config import Settings
 from ..decode import QualityLimits
@@ -121,7 +122,7 @@ class Screener:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         pids = [w.info.get("pid") for w in self.decoders.workers if w.info.get("pid")]
         return {"pid": os.getpid(), "images": self.images, "cpu_s": ru.ru_utime + ru.ru_stime,
-                "peak_rss_mb": ru.ru_maxrss / 1024, "decoder_peak_rss_mb": [_hwm(p) for p in pids]}
+                "peak_rss_mb": peak_rss_mb(), "decoder_peak_rss_mb": [_hwm(p) for p in pids]}
 
     def __del__(self) -> None:
         decoders = getattr(self, "decoders", None)
