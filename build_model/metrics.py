@@ -4,24 +4,14 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+# One definition for the build and the agent's site calibration.
+from edge_agent.calibration_math import sens_spec, softmax
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["confusion", "ece", "sens_spec", "softmax", "summarize", "summarize_restricted"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(y * n + pred, minlength=n * n).reshape(n, n)
-
-
-def sens_spec(y_true_pos: np.ndarray, pred_pos: np.ndarray) -> tuple[float, float]:
-    tp = np.sum(pred_pos & y_true_pos); fn = np.sum(~pred_pos & y_true_pos)
-    tn = np.sum(~pred_pos & ~y_true_pos); fp = np.sum(pred_pos & ~y_true_pos)
-    sens = tp / (tp + fn) if tp + fn else float("nan")
-    spec = tn / (tn + fp) if tn + fp else float("nan")
-    return float(sens), float(spec)
 
 
 def summarize(y: np.ndarray, prob: np.ndarray, labels: list[str]) -> dict:

@@ -14,12 +14,12 @@ clean stop, so a stale file after a crash is told apart by `edge_agent_last_writ
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Metrics:
 
         self.written.set(time.time())
         try:
-            write_atomic(self.path, generate_latest(self.registry))
+            write_atomic(self.path, generate_latest(self.registry), sync_folder=False)
             self._warned = False
         except OSError as e:
             if not self._warned:
@@ -175,25 +175,6 @@ class Metrics:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
         return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, 0644 (node_exporter runs as another user and must read it whatever
-    the agent's umask), fsynced, renamed over the old file: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def make_metrics(path: Path | None) -> Metrics | None:

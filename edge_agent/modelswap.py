@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomicfile import write_atomic
 from .bundle import Bundle, BundleError, load_bundle
 from .config import ConfigError, Settings
 from .paths import inside, real
@@ -69,26 +69,8 @@ def write_pointer(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a temporary file in the same folder, fsynced, renamed over the pointer, folder fsynced. A crash
     leaves the old pointer or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # paths and ids only; the agent's user must read it whoever activated
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # paths and ids only; the agent's user must read it whoever activated
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o644)
 
 
 def entry(bundle: Bundle) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from . import atomicfile
 from .bundle import Bundle
 from .calibration_math import (bootstrap_ci, fit_temperature, floor6, logits_from_probabilities, min_positives,
                                risk_score, sens_spec, softmax, threshold_for_flag_count, threshold_for_sensitivity)
@@ -83,32 +84,13 @@ def seal(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write the file whole or not at all: a temporary file in the same folder, fsync, rename, fsync folder."""
+    """Write the file whole or not at all (edge_agent/atomicfile.py)."""
     data = (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomicfile.write_atomic(path, data)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise CalibrationError(f"cannot write the calibration file {path} ({e.strerror or e}); make its folder "
                                "writable or pass --out to write it elsewhere (then set `calibration` to that path)") from None
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -488,7 +470,7 @@ def fit(cases: Cases, bundle: Bundle, *, target: float | None = None, allow_loos
     """Temperature and per-rule thresholds for the site, with bootstrap 95% intervals (the document's body)."""
     if len(cases.y) == 0:
         raise CalibrationError("no usable cases (every file was excluded); see the list above")
-    positives = check_positives(cases, bundle, target)
+    check_positives(cases, bundle, target)  # refuses too few positives, in words
     z, y, labels = cases.logits, cases.y, list(bundle.labels)
     n = len(y)
     t_site = fit_temperature(z, y)
