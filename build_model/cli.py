@@ -200,16 +200,24 @@ adaround_option = click.option(
          "float network's outputs; about 18 min at 192 px on 2 cores); 0 skips it")
 
 
+reproducible_option = click.option(
+    "--reproducible/--no-reproducible", default=False, show_default=True,
+    help="INT8 arithmetic that gives the same probabilities on every CPU (x86-64, aarch64): the FP32 front on exact "
+         "integer grids, residual additions unfused (build_model/reproducible.py); the gate judges that model")
+
+
 @main.command()
 @with_options(common_train)
 @click.option("--calib-size", type=int, default=CALIB_SIZE, show_default=True, help="calibration images (training split, stratified)")
 @adaround_option
-def quantize(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, calib_size: int, adaround_iters: int) -> None:
+@reproducible_option
+def quantize(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, calib_size: int, adaround_iters: int,
+             reproducible: bool) -> None:
     """Static INT8 (QDQ, per-channel); compares MinMax/Entropy/Percentile x reduce_range, and AdaRound, on the validation split."""
     from .stages import quantize_stage
 
     ds, split, work = _stage_args(data, out, workdir, seed)
-    quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
+    quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters, reproducible=reproducible)
 
 
 tta_option = click.option("--tta", type=click.Choice(["none", "hflip"]), default="none", show_default=True,
@@ -251,6 +259,7 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
                    "at INT8/FP32 agreement; exported instead of the float model; 0 skips it")
 @click.option("--qat-lr", type=float, default=1e-4, show_default=True, help="peak learning rate of the QAT epochs")
 @adaround_option
+@reproducible_option
 @signing_key_option
 @tta_option
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
@@ -258,8 +267,8 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
                    "bundle's): runs its stages instead of the options here; --data NAME=PATH replaces a source")
 @click.pass_context
 def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
-        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, signing_key: Path | None, tta: str,
-        recipe_path: Path | None, **kw) -> None:
+        calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, reproducible: bool,
+        signing_key: Path | None, tta: str, recipe_path: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
@@ -291,17 +300,18 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
     from .recipe import options_recipe, stage_records
 
     recipe = options_recipe(data, _SOURCES["label_map"], _SOURCES["holdout"], _SOURCES["drop_small"], seed, trains,
-                            calib_size, adaround_iters, tta)
+                            calib_size, adaround_iters, tta, reproducible)
     records = stage_records(recipe, out, workdirs, dict(trains), signing_key)
     stages.export(ds, split, work, _log)
-    stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters)
+    stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters,
+                          reproducible=reproducible)
     stages.validate(ds, split, work, _log, seed, tta=tta)
     stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key,
                   training_extra={"recipe": recipe.record(), "stages": records})
     _verify_or_exit(out, signing_key=signing_key)
 
 
-RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "tta", "label_map", "holdout",
+RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "reproducible", "tta", "label_map", "holdout",
                "drop_small")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import INPUT, OUTPUT
+from .reproducible import make_reproducible
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 FP32_FIRST_CONVS = 3
@@ -78,10 +79,12 @@ class Candidate:
     reduce_range: bool
     exclude: tuple[str, ...] = ()
     adaround: bool = False  # quantizes the AdaRound model (build_model/adaround.py), not the exported one
+    reproducible: bool = False  # exact arithmetic: the same answers on every CPU (build_model/reproducible.py)
 
     @property
     def name(self) -> str:
-        tag = f"{self.method.lower()}-rr{int(self.reduce_range)}" + ("-ada" if self.adaround else "")
+        tag = f"{self.method.lower()}-rr{int(self.reduce_range)}" + ("-ada" if self.adaround else "") + \
+            ("-x" if self.reproducible else "")
         return tag + (f"-fp32x{len(self.exclude)}" if self.exclude else "")
 
     def source(self, work: Path) -> Path:
@@ -89,10 +92,19 @@ class Candidate:
         return work / ("model.adaround.prep.onnx" if self.adaround else "model.fp32.prep.onnx")
 
 
+def input_bound(mean: tuple[float, ...], std: tuple[float, ...]) -> float:
+    """The largest |value| the preprocessing can feed the model: pixels are clipped to [0, 255] first."""
+    return max(max(abs(0.0 - m), abs(255.0 - m)) / s for m, s in zip(mean, std))
+
+
 def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate,
-             ranges: dict[str, list[float]] | None = None) -> Path:
+             ranges: dict[str, list[float]] | None = None, bound: float = 1.0) -> Path:
     """`ranges`: tensor -> [rmin, rmax] that quantization-aware training clipped to and trained with;
-    they override what calibration measures for those tensors."""
+    they override what calibration measures for those tensors. `bound`: input_bound() of the
+    preprocessing (the default, 1.0, is (x - 127) / 128).
+
+    A `reproducible` candidate is then rewritten to exact arithmetic (build_model/reproducible.py): the
+    gate judges, and the device runs, a model that gives the same answers on x86-64 and aarch64."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     import onnx
@@ -123,6 +135,8 @@ def quantize(prep: Path, out: Path, calib: np.ndarray, cand: Candidate,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, cand.method),
                     nodes_to_exclude=sorted(set(cand.exclude) | set(head)), extra_options=extra)
+    if cand.reproducible:
+        make_reproducible(str(out), str(out), bound, calib)
     return out
 
 

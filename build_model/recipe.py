@@ -20,7 +20,7 @@ equivalent stand-alone `build-model` command, so each stage can also be rerun by
     kind = "train"
     init_from = "@previous"     # or "@<stage name>" or a checkpoint path (relative to base)
     [[stage]]
-    kind = "quantize"           # calib_size, adaround_iters
+    kind = "quantize"           # calib_size, adaround_iters, reproducible
     [[stage]]
     kind = "validate"           # tta
     [[stage]]
@@ -52,7 +52,7 @@ AFTER_TRAIN = ("export", "quantize", "validate", "bundle")
 STAGE_KEYS = {
     "train": {f.name for f in fields(TrainConfig)},
     "export": set(),
-    "quantize": {"calib_size", "adaround_iters"},
+    "quantize": {"calib_size", "adaround_iters", "reproducible"},
     "validate": {"tta"},
     "bundle": set(),
 }
@@ -179,6 +179,9 @@ def _stages(path: Path, raw: Any, base: Path) -> list[Stage]:
         for k in ("calib_size", "adaround_iters"):
             if k in settings and (not isinstance(settings[k], int) or isinstance(settings[k], bool) or settings[k] < 0):
                 raise ConfigError(_where(path, f"stage {i} ({kind}): {k} = {settings[k]!r} should be a whole number >= 0"))
+        if kind == "quantize" and not isinstance(settings.get("reproducible", False), bool):
+            raise ConfigError(_where(path, f"stage {i} (quantize): reproducible = {settings['reproducible']!r} should be "
+                                           "true or false"))
         if kind == "validate" and settings.get("tta", "none") not in ("none", "hflip"):
             raise ConfigError(_where(path, f"stage {i} (validate): tta = {settings['tta']!r}; none or hflip"))
         stages.append(Stage(kind, name, settings))
@@ -281,7 +284,8 @@ def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, pa
     q = next(r["settings"] for r in records if r["kind"] == "quantize")
     v = next(r["settings"] for r in records if r["kind"] == "validate")
     st.export(ds, split, last_work, log)
-    st.quantize_stage(ds, split, last_work, log, q["calib_size"], recipe.seed, adaround_iters=q["adaround_iters"])
+    st.quantize_stage(ds, split, last_work, log, q["calib_size"], recipe.seed, adaround_iters=q["adaround_iters"],
+                      reproducible=q.get("reproducible", False))
     st.validate(ds, split, last_work, log, recipe.seed, tta=v["tta"])
     return st.bundle(ds, split, last_work, out, build_command, log, signing_key=signing_key,
                      training_extra={"recipe": recipe.record(), "stages": records})
@@ -302,7 +306,8 @@ def _key(k: str) -> str:
 
 
 def options_recipe(data: tuple[str, ...], label_map: tuple[str, ...], holdout: str | None, drop_small: bool, seed: int,
-                   trains: list[tuple[str, TrainConfig]], calib_size: int, adaround_iters: int, tta: str) -> Recipe:
+                   trains: list[tuple[str, TrainConfig]], calib_size: int, adaround_iters: int, tta: str,
+                   reproducible: bool = False) -> Recipe:
     """The recipe equivalent to a plain `build-model all ...` command line (so its manifest has one too).
 
     Why: a bundle built from flags must be as reproducible as one built from a file; its manifest then
@@ -328,7 +333,10 @@ def options_recipe(data: tuple[str, ...], label_map: tuple[str, ...], holdout: s
         lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
         stages.append(Stage("train", name, settings))
         previous = name
-    tail = [Stage("export", "export"), Stage("quantize", "quantize", {"calib_size": calib_size, "adaround_iters": adaround_iters}),
+    q_settings: dict[str, Any] = {"calib_size": calib_size, "adaround_iters": adaround_iters}
+    if reproducible:
+        q_settings["reproducible"] = True
+    tail = [Stage("export", "export"), Stage("quantize", "quantize", q_settings),
             Stage("validate", "validate", {"tta": tta}), Stage("bundle", "bundle")]
     for s in tail[1:]:
         lines += ["", "[[stage]]", f'kind = "{s.kind}"'] + [f"{k} = {_toml_value(v)}" for k, v in s.settings.items()]

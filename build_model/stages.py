@@ -25,7 +25,7 @@ from .calibrate import apply_thresholds, calibration_report, choose_thresholds, 
 from .data import Dataset
 from .export import export_onnx, load_checkpoint, parity, run_onnx, session
 from .metrics import ece, softmax, summarize
-from .quantize import ADAROUND_IMAGES, ADAROUND_ITERS, CALIB_SIZE, FP32_FIRST_CONVS, Candidate, METHODS, calibration_indices, preprocess_model, quantize, sensitive_nodes
+from .quantize import ADAROUND_IMAGES, ADAROUND_ITERS, CALIB_SIZE, FP32_FIRST_CONVS, Candidate, METHODS, calibration_indices, input_bound, preprocess_model, quantize, sensitive_nodes
 
 Log = Callable[[str], None]
 HIGH_RISK = ["mel", "bcc", "akiec"]
@@ -94,7 +94,7 @@ def _val_metrics(logits: np.ndarray, ref: np.ndarray, y: np.ndarray, labels: lis
 
 def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_size: int = CALIB_SIZE, seed: int = 0,
                    methods: tuple[str, ...] = METHODS, adaround_iters: int = ADAROUND_ITERS,
-                   adaround_images: int = ADAROUND_IMAGES) -> dict:
+                   adaround_images: int = ADAROUND_IMAGES, reproducible: bool = False) -> dict:
     need(work, "quantize", "best.pt", "model.fp32.onnx")
     pre, ck = checkpoint_pre(work)
     ranges = ck.get("qat_ranges") or None
@@ -105,6 +105,7 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
         reduce_ranges = (False, True)
     preprocess_model(work / "model.fp32.onnx", work / "model.fp32.prep.onnx")
     calib = tensors(ds, calibration_indices(ds.y, split, calib_size, seed), pre)
+    bound = input_bound(pre.mean, pre.std)
     va = np.flatnonzero(split == "val")
     xv, yv = tensors(ds, va, pre), ds.y[va]
     ref = run_onnx(session(work / "model.fp32.onnx"), xv)
@@ -113,23 +114,25 @@ def quantize_stage(ds: Dataset, split: np.ndarray, work: Path, log: Log, calib_s
     cand_dir.mkdir(exist_ok=True)
 
     def evaluate(c: Candidate, t0: float) -> dict:
-        path = quantize(c.source(work), cand_dir / f"{c.name}.onnx", calib, c, ranges)
+        path = quantize(c.source(work), cand_dir / f"{c.name}.onnx", calib, c, ranges, bound)
         logits = run_onnx(session(path), xv)
         np.save(cand_dir / f"{c.name}.val.npy", logits)
         row = {"name": c.name, "method": c.method, "reduce_range": c.reduce_range, "adaround": c.adaround,
+               "reproducible": c.reproducible,
                "seconds": time.time() - t0, **_val_metrics(logits, ref, yv, ds.labels)}
         log(f"quantize {c.name}: val bal-acc {row['balanced_accuracy']:.4f} agreement {row['agreement']:.4f} "
             f"mel-sens {row['mel_sensitivity']:.4f} ({row['seconds']:.0f}s)")
         return row
 
-    rows = [evaluate(Candidate(method, rr), time.time()) for method in methods for rr in reduce_ranges]
+    rows = [evaluate(Candidate(method, rr, reproducible=reproducible), time.time())
+            for method in methods for rr in reduce_ranges]
     ada = None
     if adaround_iters > 0 and ranges:
         log("quantize: AdaRound skipped: this QAT model clips its ranges, which the rounding simulation does not model")
     elif adaround_iters > 0:
         t0 = time.time()
         ada = _adaround(ds, split, work, log, pre, calib, adaround_iters, adaround_images, seed)
-        rows.append(evaluate(Candidate("MinMax", False, adaround=True), t0))
+        rows.append(evaluate(Candidate("MinMax", False, adaround=True, reproducible=reproducible), t0))
     fp = _val_metrics(ref, ref, yv, ds.labels)
     # Rank by agreement with FP32, then by balanced accuracy: the gate asks "as good as FP32", not "lucky on val".
     rows.sort(key=lambda r: (round(r["agreement"], 3), r["balanced_accuracy"]), reverse=True)
@@ -208,7 +211,8 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     if not approved:
         best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
         calib = tensors(ds, calibration_indices(ds.y, split, quant["calibration_images"], seed), pre)
-        base = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False))
+        base = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False),
+                         reproducible=best.get("reproducible", False))
         convs = conv_names(base.source(work))
         ranked = sensitive_nodes(base.source(work), work / "candidates" / f"{best['name']}.onnx", calib[:32], work)
         plans = [tuple(convs[:k]) for k in (6, 9, 12)]
@@ -218,7 +222,7 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
                 break
             c = replace(base, exclude=exclude)
             path = quantize(c.source(work), work / "candidates" / f"{c.name}.onnx", calib, c,
-                            quant.get("qat_ranges"))
+                            quant.get("qat_ranges"), input_bound(pre.mean, pre.std))
             ok, w, cm, q = judge(c.name, path)
             if ok:
                 approved, why, cmp, q_test, int8_name = ok, w, cm, q, c.name
@@ -250,7 +254,14 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
             fin = finalize("fp32")
     primary = "int8" if approved else "fp32"
     cmp = fin["comparison"]
+    import onnx
+
+    from .reproducible import not_reproducible
+
+    left = not_reproducible(onnx.load(str(work / "model.int8.onnx")))
     gate = {"approved": approved, "reason": why, "limits": gate_mod.LIMITS, "int8_candidate": int8_name,
+            # the same answers on every CPU (build_model/reproducible.py); a fallback may give that up
+            "int8_reproducible": not left, "int8_not_reproducible": left,
             "tried": tried, "agreement": cmp["agreement"], "balanced_accuracy_drop": cmp["balanced_accuracy_drop"],
             "mel_sensitivity_drop": cmp.get("mel_sensitivity_drop"),
             "mel_sensitivity_at_threshold": cmp.get("mel_sensitivity_at_threshold"),
