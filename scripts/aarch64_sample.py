@@ -1,9 +1,10 @@
 """Decision-level comparison of aarch64 and x86-64 on real dermoscopy images (scripts/aarch64-e2e.sh, optional).
 
-Why: onnxruntime's INT8 kernels are different code on x86-64 (AVX2/VNNI) and aarch64 (NEON), so INT8
-probabilities differ across platforms by more than 1e-3 (docs/aarch64.md). What matters clinically is
-whether the aarch64 INT8 model makes the same decisions - label, review flag and reasons, high-risk rules,
-out-of-distribution flag - as the x86-64 INT8 model that the validation gate measured. This file is run on
+Why: a plain INT8 model puts float rounding in front of its quantizers, which differs by CPU, so its
+probabilities differ across platforms by more than 1e-3; a reproducible one (the default bundle's,
+build_model/reproducible.py) computes exactly (docs/aarch64.md). Beside the probabilities, what matters
+clinically is whether the aarch64 INT8 model makes the same decisions - label, review flag and reasons,
+high-risk rules, out-of-distribution flag - as the x86-64 INT8 model that the validation gate measured. This file is run on
 both platforms with the agent's own code: decode_image (quality, preprocessing), Engine (INT8, and FP32 as
 a second Engine whose primary is fp32), and pipeline.screen_batch (softmax with the bundle's temperature,
 OOD score, triage with the bundle's Policy), the function the daemon itself calls.
