@@ -41,9 +41,9 @@ from onnx import helper, numpy_helper
 
 EXACT = 2 ** 24          # float32 holds every integer up to this exactly
 BUDGET = 2 ** 23         # what the weights may use: half of it, for the rounding of each weight
-ACT_LEVELS = 2047        # 13-bit grid for the ReLU6 activations between the front convolutions
+ACT_LEVELS = 2047        # 11-bit grid for the ReLU6 activations between the front convolutions
 SIGNED_LEVELS = 4095     # 13-bit signed grid for the others (a project convolution's output)
-INPUT_STEP = 2.0 ** -11  # the image's grid, 1/64 of a pixel level (a power of two: the scaling is exact)
+INPUT_STEP = 2.0 ** -11  # the image's grid, 1/16 of a pixel level (a power of two: the scaling is exact)
 
 
 class NotReproducible(RuntimeError):
