@@ -95,7 +95,7 @@ def _clip_bounds(clip: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tu
 
 
 def integer_front(model: onnx.ModelProto, input_bound: float,
-                  ranges: dict[str, np.ndarray] | None = None, split: tuple[int, ...] | None = None) -> int:
+                  ranges: dict[str, np.ndarray] | None = None) -> int:
     """Rewrite the leading FP32 convolutions as exact integer arithmetic in float32 (in place).
 
     `input_bound`: the largest |value| the preprocessing can give (1.0 for (x - 127) / 128).
@@ -164,14 +164,11 @@ def integer_front(model: onnx.ModelProto, input_bound: float,
         # from folding the Mul into the Conv or accumulating one convolution onto the other (x86 NCHWc "Sum"),
         # either of which would round partial sums.
         wide = [_const(g, inits, f"{p}/wide_lo", np.float32(-EXACT)), _const(g, inits, f"{p}/wide_hi", np.float32(EXACT))]
-        if split is None or i in split:
-            new_nodes += [
-                hi_conv, helper.make_node("Clip", [f"{p}/hi", *wide], [f"{p}/hi_kept"]),
-                lo_conv, helper.make_node("Clip", [f"{p}/lo", *wide], [f"{p}/lo_kept"]),
-                helper.make_node("Add", [f"{p}/hi_kept", f"{p}/lo_kept"], [f"{p}/acc"]),  # one rounding, IEEE
-            ]
-        else:
-            new_nodes += [hi_conv, helper.make_node("Clip", [f"{p}/hi", *wide], [f"{p}/acc"])]
+        new_nodes += [
+            hi_conv, helper.make_node("Clip", [f"{p}/hi", *wide], [f"{p}/hi_kept"]),
+            lo_conv, helper.make_node("Clip", [f"{p}/lo", *wide], [f"{p}/lo_kept"]),
+            helper.make_node("Add", [f"{p}/hi_kept", f"{p}/lo_kept"], [f"{p}/acc"]),  # one rounding, IEEE
+        ]
         last = i == len(chain) - 1
         if clip is not None:
             lo, hi = _clip_bounds(clip, inits)
@@ -238,16 +235,19 @@ def front_ranges(model_path: str, calib: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def _fused_add(n: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
+    """An Add of two dequantized tensors: ONNX Runtime runs it as QLinearAdd."""
+    return n.op_type == "Add" and len(n.input) == 2 and all(
+        producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
+
+
 def residual_sums(model: onnx.ModelProto) -> int:
     """Turn each Add of two dequantized tensors into Sum, which ONNX Runtime does not fuse into QLinearAdd."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    k = 0
-    for n in model.graph.node:
-        if n.op_type == "Add" and len(n.input) == 2 and all(
-                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input):
-            n.op_type = "Sum"
-            k += 1
-    return k
+    adds = [n for n in model.graph.node if _fused_add(n, producer)]
+    for n in adds:
+        n.op_type = "Sum"
+    return len(adds)
 
 
 def not_reproducible(model: onnx.ModelProto) -> list[str]:
@@ -258,20 +258,19 @@ def not_reproducible(model: onnx.ModelProto) -> list[str]:
     g = model.graph
     inits = {i.name for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
+    cons = _consumers(g)
     why = []
     for n in g.node:
         if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in inits and not n.name.endswith(("/integer", "/integer_lo")):
             # a float layer is harmless only if no quantizer lies downstream of it
-            if _feeds_quantizer(g, n):
+            if _feeds_quantizer(cons, n):
                 why.append(f"{n.name} computes in float before a quantizer")
-        if n.op_type == "Add" and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
-                                      for i in n.input):
+        if _fused_add(n, producer):
             why.append(f"{n.name} would run as QLinearAdd")
     return why
 
 
-def _feeds_quantizer(g: onnx.GraphProto, node: onnx.NodeProto) -> bool:
-    cons = _consumers(g)
+def _feeds_quantizer(cons: dict[str, list[onnx.NodeProto]], node: onnx.NodeProto) -> bool:
     todo, seen = list(node.output), set()
     while todo:
         t = todo.pop()

@@ -8,7 +8,6 @@ interleaved so both see the same machine state. Prints p50/p95/p99 ms per batch 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,9 @@ def main() -> int:
     for name, ts in runs.items():
         p = np.percentile(np.array(ts) * 1000, [50, 95, 99])
         print(f"| {name} | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {a.batch / p[0] * 1000:.0f} |")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    from edge_agent.benchstats import peak_rss_mb
+
+    print(f"peak RSS of this process: {peak_rss_mb():.0f} MB")
     return 0
 
 
