@@ -472,14 +472,15 @@ class _CpuCeiling:
                 resource.setrlimit(resource.RLIMIT_CPU, (self.hard, self.hard))
 
 
-def _crash_hook(hits: list[int]) -> None:
+def _crash_hook(hits: list[int], name: str = "") -> None:
     """Test hook (as commit.crash_point): EDGE_AGENT_CRASH_AT=in_decode[:n] SIGKILLs the *agent* the n-th time
     this worker starts decoding, after the journal entry is written: the agent dying mid-decode.
-    EDGE_AGENT_CRASH_AT=spin_in_decode makes the worker compute for ever instead, as a decoder caught in a loop
-    over crafted data would (it ends at the processor-time ceiling or the wall-clock timeout)."""
+    EDGE_AGENT_CRASH_AT=spin_in_decode[:TEXT] makes the worker compute for ever instead (for files whose name
+    contains TEXT), as a decoder caught in a loop over crafted data would (it ends at the processor-time ceiling or
+    the wall-clock timeout)."""
     spec = os.environ.get("EDGE_AGENT_CRASH_AT", "")
     point, _, nth = spec.partition(":")
-    if point == "spin_in_decode":
+    if point == "spin_in_decode" and nth in name:
         print("EDGE_AGENT_CRASH_AT=spin_in_decode: computing for ever (test hook)", file=sys.stderr, flush=True)
         x = 0
         while True:
@@ -558,7 +559,7 @@ def main(config_json: str) -> None:
         reply: dict[str, Any]
         tensor = None
         cpu.arm()
-        _crash_hook(hits)
+        _crash_hook(hits, str(meta.get("name", "")))
         try:
             d = decode_image(data, pre, max_pixels, limits, capture)
             tensor = np.ascontiguousarray(d.tensor, np.float32)

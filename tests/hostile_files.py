@@ -617,3 +617,44 @@ ATTACKS: list[tuple[str, Callable[[], bytes], str]] = [
     ("avif.jpg", other_format(".avif"), "AVIF named .jpg"),
     ("jpeg-as.png", lambda: _encode(".jpg", noise()), "JPEG content named .png"),
 ]
+
+
+def tiff_damaged_tile(side: int = 64, tile: int = 16, damaged: int = 5) -> bytes:
+    """Deflate-tiled TIFF whose tile `damaged` holds garbage instead of a zlib stream: libtiff reports it, and
+    OpenCV still returns a full-size picture with that tile left blank."""
+    n = (side // tile) ** 2
+    rng = np.random.default_rng(9)
+    tiles = [zlib.compress(bytes(rng.integers(0, 255, tile * tile, dtype=np.uint8))) for _ in range(n)]
+    tiles[damaged] = b"\x00garbage, not a zlib stream" * 4
+    entries = _tiff_base(side, side) + [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile),
+                                        (324, 4, n, b"\0" * 4 * n), (325, 4, n, struct.pack(f"<{n}I", *map(len, tiles)))]
+    blob = b"".join(t + b"\0" * (len(t) & 1) for t in tiles)
+    d = bytearray(tiff_ifd(entries, [blob]))
+    ifd_end = 8 + 2 + 12 * len(entries) + 4
+    offsets, at = [], ifd_end
+    for t in tiles:
+        offsets.append(at)
+        at += len(t) + (len(t) & 1)
+    tail = ifd_end + len(blob) + (len(blob) & 1)  # TileOffsets is the first out-of-line value (BitsPerSample inline)
+    d[tail:tail + 4 * n] = struct.pack(f"<{n}I", *offsets)
+    return bytes(d)
+
+
+def tiff_damaged_strip(side: int = 64) -> bytes:
+    """Two deflate strips, the second garbage."""
+    good = zlib.compress(bytes(np.random.default_rng(4).integers(0, 255, side * side // 2, dtype=np.uint8)))
+    bad = b"\x00garbage, not a zlib stream" * 4
+    entries = _tiff_base(side, side) + [(259, 3, 1, 8), (273, 4, 2, b"\0" * 8), (278, 4, 1, side // 2),
+                                        (279, 4, 2, struct.pack("<2I", len(good), len(bad)))]
+    blob = good + b"\0" * (len(good) & 1) + bad
+    d = bytearray(tiff_ifd(entries, [blob]))
+    ifd_end = 8 + 2 + 12 * len(entries) + 4
+    tail = ifd_end + len(blob) + (len(blob) & 1)
+    d[tail:tail + 8] = struct.pack("<2I", ifd_end, ifd_end + len(good) + (len(good) & 1))
+    return bytes(d)
+
+
+ATTACKS += [
+    ("tiff-damaged-tile.tif", tiff_damaged_tile, "deflate tile 5 of 16 is garbage"),
+    ("tiff-damaged-strip.tif", tiff_damaged_strip, "deflate strip 2 of 2 is garbage"),
+]
