@@ -101,10 +101,16 @@ def _describe_unknown(data: bytes) -> str:
     head = data[:16]
     known = {b"%PDF": "a PDF document", b"GIF8": "a GIF image", b"PK\x03\x04": "a ZIP archive (or Office document)",
              b"II+\x00": "a BigTIFF image", b"MM\x00+": "a BigTIFF image", b"\x00\x00\x00\x0cjP": "a JPEG 2000 image",
-             b"DICM": "a DICOM file"}
+             b"DICM": "a DICOM file", b"#?RADIANCE": "a Radiance HDR image", b"#?RGBE": "a Radiance HDR image",
+             b"PF\n": "a PFM (floating-point) image", b"Pf\n": "a PFM (floating-point) image",
+             b"\x59\xa6\x6a\x95": "a Sun raster image", b"\x76\x2f\x31\x01": "an OpenEXR image",
+             b"\xff\x0a": "a JPEG XL image", b"\x00\x00\x00\x0cJXL ": "a JPEG XL image", b"8BPS": "a Photoshop document",
+             b"\xff\x4f\xff\x51": "a JPEG 2000 codestream"}
     for magic, what in known.items():
         if head.startswith(magic) or data[128:132] == magic:
             return what
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "a PNM/PPM/PGM image"
     if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
         return "a HEIC/AVIF image"
     try:

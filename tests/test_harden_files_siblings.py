@@ -251,3 +251,16 @@ def test_the_cpu_ceiling_is_a_bounded_setting() -> None:
     assert BOUNDS["decode_cpu_seconds"][:2] == (1, 3600)
     with pytest.raises(ConfigError):
         load_settings(environ={"EDGE_AGENT_DECODE_CPU_SECONDS": "0"})
+
+
+@pytest.mark.parametrize("ext,what", [(".hdr", "Radiance HDR"), (".pfm", "PFM"), (".ppm", "PNM"),
+                                      (".ras", "Sun raster"), (".jp2", "JPEG 2000"), (".avif", "AVIF")])
+def test_formats_opencv_reads_but_the_agent_does_not_are_named(ext, what) -> None:
+    """OpenCV 5 decodes these too; the agent accepts only what it sniffs (JPEG, PNG, BMP, TIFF, WebP), so they
+    are `not_image` - with the format named, so the person knows what to convert."""
+    from edge_agent.decode import read_header
+    from hostile_files import other_format
+
+    with pytest.raises(Rejected) as e:
+        read_header(other_format(ext)())
+    assert e.value.code == "not_image" and what in e.value.reason and "export" in e.value.reason
