@@ -104,7 +104,8 @@ def _describe_unknown(data: bytes) -> str:
              b"DICM": "a DICOM file", b"#?RADIANCE": "a Radiance HDR image", b"#?RGBE": "a Radiance HDR image",
              b"PF\n": "a PFM (floating-point) image", b"Pf\n": "a PFM (floating-point) image",
              b"\x59\xa6\x6a\x95": "a Sun raster image", b"\x76\x2f\x31\x01": "an OpenEXR image",
-             b"\xff\x0a": "a JPEG XL image", b"\x00\x00\x00\x0cJXL ": "a JPEG XL image", b"8BPS": "a Photoshop document",
+             b"\xff\x0a": "a JPEG XL image", b"\x00\x00\x00\x0cJXL ": "a JPEG XL image",
+             b"8BPS": "a Photoshop document",
              b"\xff\x4f\xff\x51": "a JPEG 2000 codestream"}
     for magic, what in known.items():
         if head.startswith(magic) or data[128:132] == magic:

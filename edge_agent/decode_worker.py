@@ -74,7 +74,7 @@ from .rejection import Rejected
 log = logging.getLogger(__name__)
 
 DECODE_TIMEOUT_S = 120.0  # a 64 MP PNG decodes in a few seconds on a Raspberry Pi 4; a decoder looping for ever
-DECODE_CPU_S = 60.0  # config.Settings.decode_cpu_seconds' default: 64 MP at worst took 2.5 CPU s here (docs/decoding.md)
+DECODE_CPU_S = 60.0  # Settings.decode_cpu_seconds' default: 64 MP at worst took 2.5 CPU s here (docs/decoding.md)
 START_TIMEOUT_S = 120.0  # importing numpy and OpenCV on a cold SD card
 BYTES_PER_PIXEL = 6
 MARGIN_BYTES = 64 << 20

@@ -42,7 +42,8 @@ _PNG_DAMAGE = ("image data", "compressed data", "idat", "crc error", "incorrect 
 # read); its recoverable oddities (unknown tags, odd counts) are TIFFWarning, which OpenCV logs at WARNING level,
 # below the agent's OPENCV_LOG_LEVEL. OpenCV still returns the picture with that strip or tile left blank.
 _TIFF_DAMAGE = ("tiff_error",)
-_OPENCV_PREFIX = re.compile(r"^\[\s*\w+:[^\]]*\]\s+global\s+\S+\s+TIFF_(Error|Warning)\s+")  # "[ERROR:0@1.0] global grfmt_tiff.cpp:117 TIFF_Error "
+# OpenCV's log prefix before libtiff's words: "[ERROR:0@1.0] global grfmt_tiff.cpp:117 TIFF_Error "
+_OPENCV_PREFIX = re.compile(r"^\[\s*\w+:[^\]]*\]\s+global\s+\S+\s+TIFF_(Error|Warning)\s+")
 MAX_CAPTURE = 64 << 10  # a decoder warns once per problem; more than this is noise
 
 
