@@ -282,6 +282,11 @@ def check_webp(d: bytes) -> None:
 # --- BMP -----------------------------------------------------------------------------------
 
 _BMP_DIB = (12, 40, 52, 56, 64, 108, 124)
+# Colour masks (R, G, B) of BI_BITFIELDS images that OpenCV decodes as the masks say. With a header shorter than
+# BITMAPV4HEADER (108 bytes) it ignores 32-bit masks and reads the bytes as B, G, R, X: masks of R=0xFF,
+# B=0xFF0000 (what some software writes) came out with red and blue swapped, 10-bit masks as garbage - while every
+# viewer honours them. 16-bit images decode right with 5-6-5 and 5-5-5 masks only (others fail to decode).
+_BMP_MASKS = {16: ((0xF800, 0x07E0, 0x001F), (0x7C00, 0x03E0, 0x001F)), 32: ((0xFF0000, 0xFF00, 0xFF),)}
 
 
 def check_bmp(d: bytes) -> None:
@@ -309,6 +314,14 @@ def check_bmp(d: bytes) -> None:
         raise _corrupt("BMP", f"the palette claims {colours} colours for {bpp}-bit pixels")
     if not 14 + dib <= offbits <= n:
         raise _corrupt("BMP", f"pixel data offset {offbits} is outside the header-to-end range 14+{dib}..{n}")
+    if compression in (3, 6) and bpp in _BMP_MASKS and not (bpp == 32 and dib >= 108):
+        if 66 > offbits:
+            raise _corrupt("BMP", "the colour masks of a bit-field image overlap its pixel data")
+        masks = struct.unpack("<3I", d[54:66])  # after a 40-byte header, inside the longer ones: same place
+        if masks not in _BMP_MASKS[bpp]:
+            raise Rejected("unsupported", f"{bpp}-bit BMP with colour masks R={masks[0]:#x} G={masks[1]:#x} "
+                           f"B={masks[2]:#x} in a {dib}-byte header: the decoder would not apply them, so its "
+                           "colours would differ from what a viewer shows - re-export the image as PNG or JPEG")
 
 
 # --- JPEG ----------------------------------------------------------------------------------

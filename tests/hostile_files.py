@@ -512,14 +512,23 @@ def bmp_topdown() -> bytes:
     return b"BM" + struct.pack("<IHHI", 54 + len(pixels), 0, 0, 54) + hdr + pixels
 
 
-def bmp_bitfields(bpp: int) -> bytes:
-    w, h = 64, 48
-    masks = (0xF800, 0x07E0, 0x001F) if bpp == 16 else (0x00FF0000, 0x0000FF00, 0x000000FF)
+def bmp_bitfields(bpp: int, masks: tuple[int, int, int] | None = None, v4: bool = False,
+                  pixels: bytes | None = None, w: int = 64, h: int = 48) -> bytes:
+    """BI_BITFIELDS BMP: masks after a 40-byte header, or inside a 108-byte BITMAPV4HEADER (v4)."""
+    masks = masks or ((0xF800, 0x07E0, 0x001F) if bpp == 16 else (0x00FF0000, 0x0000FF00, 0x000000FF))
     row = ((w * bpp + 31) // 32) * 4
-    pixels = bytes(np.random.default_rng(2).integers(0, 255, row * h, dtype=np.uint8))
-    hdr = struct.pack("<IiiHHIIiiII", 40, w, h, 1, bpp, 3, len(pixels), 2835, 2835, 0, 0) + struct.pack("<3I", *masks)
-    off = 14 + 40 + 12
+    if pixels is None:
+        pixels = bytes(np.random.default_rng(2).integers(0, 255, row * h, dtype=np.uint8))
+    if v4:
+        hdr = (struct.pack("<IiiHHIIiiII", 108, w, h, 1, bpp, 3, len(pixels), 2835, 2835, 0, 0)
+               + struct.pack("<4I", *masks, 0) + b"BGRs" + bytes(48))
+    else:
+        hdr = struct.pack("<IiiHHIIiiII", 40, w, h, 1, bpp, 3, len(pixels), 2835, 2835, 0, 0) + struct.pack("<3I", *masks)
+    off = 14 + len(hdr)
     return b"BM" + struct.pack("<IHHI", off + len(pixels), 0, 0, off) + hdr + pixels
+
+
+RGBX_MASKS = (0x000000FF, 0x0000FF00, 0x00FF0000)  # red in the first byte: the reverse of the usual BGRX
 
 
 # --- other formats and odd files ---------------------------------------------------------------------
@@ -609,6 +618,9 @@ ATTACKS: list[tuple[str, Callable[[], bytes], str]] = [
     ("bmp-topdown.bmp", bmp_topdown, "top-down 24-bit"),
     ("bmp-bitfields16.bmp", lambda: bmp_bitfields(16), "16-bit bitfields"),
     ("bmp-bitfields32.bmp", lambda: bmp_bitfields(32), "32-bit bitfields"),
+    ("bmp-bitfields32-rgbx.bmp", lambda: bmp_bitfields(32, RGBX_MASKS), "32-bit, R/B masks swapped, 40-byte header"),
+    ("bmp-v4-rgbx.bmp", lambda: bmp_bitfields(32, RGBX_MASKS, v4=True), "32-bit, R/B masks swapped, V4 header"),
+    ("bmp-bitfields32-10bit.bmp", lambda: bmp_bitfields(32, (0x3FF00000, 0xFFC00, 0x3FF)), "32-bit 10-10-10 masks"),
     ("gif.jpg", gif, "GIF named .jpg"),
     ("jp2.jpg", other_format(".jp2"), "JPEG 2000 named .jpg"),
     ("hdr.png", other_format(".hdr"), "Radiance HDR named .png"),

@@ -70,6 +70,7 @@ EXPECTED = {
     "webp-lossless-64mp.webp": "result", "webp-animated.webp": "multiple_images",
     "webp-anim-flag-cleared.webp": "corrupt", "bmp-rle8-bomb.bmp": "result", "bmp-rle4-topdown.bmp": "decode_failed",
     "bmp-topdown.bmp": "result", "bmp-bitfields16.bmp": "result", "bmp-bitfields32.bmp": "result",
+    "bmp-bitfields32-rgbx.bmp": "unsupported", "bmp-v4-rgbx.bmp": "result", "bmp-bitfields32-10bit.bmp": "unsupported",
     "gif.jpg": "not_image", "jp2.jpg": "not_image", "hdr.png": "not_image", "pfm.png": "not_image",
     "ppm.jpg": "not_image", "ras.jpg": "not_image", "avif.jpg": "not_image", "jpeg-as.png": "result",
 }
@@ -264,3 +265,24 @@ def test_formats_opencv_reads_but_the_agent_does_not_are_named(ext, what) -> Non
     with pytest.raises(Rejected) as e:
         read_header(other_format(ext)())
     assert e.value.code == "not_image" and what in e.value.reason and "export" in e.value.reason
+
+
+def test_bmp_colour_masks_the_decoder_would_ignore_are_refused_and_honoured_ones_decode_right() -> None:
+    """A 32-bit BMP with red in the first byte (masks R=0xFF, B=0xFF0000): after a 40-byte header OpenCV ignored
+    the masks and swapped red and blue (measured); in a V4 header it applies them. The first is refused, the
+    second must decode with red where the masks put it."""
+    import cv2
+    import numpy as np
+
+    from hostile_files import RGBX_MASKS, bmp_bitfields
+
+    px = bytes([200, 50, 10, 0]) * (64 * 48)  # first byte 200: red by these masks
+    r = rejected(bmp_bitfields(32, RGBX_MASKS, pixels=px), "bmp")
+    assert r.code == "unsupported" and "R=0xff" in r.reason and "PNG" in r.reason
+    v4 = bmp_bitfields(32, RGBX_MASKS, v4=True, pixels=px)
+    check_structure(v4, "bmp")
+    b, g, red = cv2.imdecode(np.frombuffer(v4, np.uint8), cv2.IMREAD_COLOR)[0, 0].tolist()
+    assert (red, g, b) == (200, 50, 10)  # if OpenCV stops applying V4 masks, this rule must widen
+    check_structure(bmp_bitfields(16), "bmp")
+    check_structure(bmp_bitfields(16, (0x7C00, 0x03E0, 0x001F)), "bmp")
+    assert rejected(bmp_bitfields(16, (0x001F, 0x07E0, 0xF800)), "bmp").code == "unsupported"
