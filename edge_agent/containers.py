@@ -34,6 +34,9 @@ MAX_JPEG_SCANS = 100
 # libpng inflates every zTXt, compressed iTXt and iCCP chunk while reading the header, up to 8 MB each: 1200
 # zTXt chunks of 8 KB (10 MB) took 18 s of CPU. Real files carry a handful (a profile, XMP, an EXIF text).
 MAX_PNG_INFLATED_CHUNKS = 16
+# 0xFF fill bytes may precede any marker; encoders write none or a few. The header walks step over them one by
+# one in Python: 50 MB of them cost 5.5 s of CPU per walk (and the agent itself looked at JPEG headers).
+MAX_JPEG_FILL = 65_536
 PNG_END = b"IEND\xaeB`\x82"
 
 
@@ -148,6 +151,7 @@ class _Tiff:
         self.d, self.n = d, len(d)
         self.e = "<" if d[:2] == b"II" else ">"
         self.visited: set[int] = set()
+        self.entries = 0  # directory entries walked, all directories together (each is a Python step)
 
     def u(self, code: str, at: int) -> int:
         return struct.unpack(self.e + code, self.d[at:at + struct.calcsize(code)])[0]
@@ -177,6 +181,9 @@ class _Tiff:
             raise _corrupt("TIFF", f"the directory at {off} is empty")
         if end > self.n:
             raise _truncated("TIFF", self.n)
+        self.entries += count
+        if self.entries > MAX_SEGMENTS:  # 64 directories of 65535 entries (47 MB) took 5 s of CPU to walk
+            raise _corrupt("TIFF", f"more than {MAX_SEGMENTS} directory entries (real files have a few dozen)")
         prev = -1
         tags: dict[int, list[int]] = {}
         for k in range(count):
@@ -334,13 +341,16 @@ def check_jpeg(d: bytes) -> None:
     """Exactly one frame header (SOF) before the first scan, its length consistent with its components,
     a real height (0 would defer it to a DNL marker, which the decoder does not honour), Huffman coding (not
     arithmetic), and at most MAX_JPEG_SCANS scans in the image data."""
-    i, n, frames, seen = 2, len(d), 0, 0
+    i, n, frames, seen, fill = 2, len(d), 0, 0, 0
     while i + 4 <= n:
         if d[i] != 0xFF:
             raise _corrupt("JPEG", f"invalid marker structure at byte {i}")
         marker = d[i + 1]
         if marker == 0xFF:
             i += 1
+            fill += 1
+            if fill > MAX_JPEG_FILL:
+                raise _corrupt("JPEG", f"more than {MAX_JPEG_FILL} fill bytes (0xFF) between header segments")
             continue
         if marker == 0xDA:
             _count_scans(d, i)

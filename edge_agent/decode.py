@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .containers import check_structure
+from .containers import MAX_JPEG_FILL, MAX_SEGMENTS, check_structure
 from .decoder_messages import StderrCapture, classify
 from .preprocess import Preprocessing, preprocess_bgr
 from .rejection import Rejected
@@ -143,10 +143,20 @@ def read_header(data: bytes) -> Header:
 
 
 def _jpeg_size(d: bytes) -> tuple[int, int]:
-    i, n = 2, len(d)
+    """The frame header's size. The walk is bounded (segments, fill bytes): it runs byte by byte in Python, and a
+    100 MB file of empty segments or 0xFF fill bytes would otherwise cost about 10 s of CPU."""
+    i, n, fill, seen = 2, len(d), 0, 0
     while True:
         while i < n and d[i] == 0xFF and i + 1 < n and d[i + 1] == 0xFF:
             i += 1  # fill bytes
+            fill += 1
+            if fill > MAX_JPEG_FILL:
+                raise Rejected("corrupt", f"corrupt JPEG: more than {MAX_JPEG_FILL} fill bytes (0xFF) between header "
+                               "segments; the file is damaged or crafted - re-export the image")
+        seen += 1
+        if seen > MAX_SEGMENTS:
+            raise Rejected("corrupt", f"corrupt JPEG: more than {MAX_SEGMENTS} header segments before the frame "
+                           "header; the file is damaged or crafted - re-export the image")
         if i + 4 > n:
             raise IndexError
         if d[i] != 0xFF:
@@ -166,8 +176,11 @@ def _jpeg_size(d: bytes) -> tuple[int, int]:
 
 def _jpeg_first_sos(d: bytes) -> int:
     """Offset of the first SOS marker, found by walking the segments; -1 if the walk goes astray."""
-    i, n = 2, len(d)
+    i, n, steps = 2, len(d), 0
     while i + 4 <= n:
+        steps += 1
+        if steps > MAX_SEGMENTS + MAX_JPEG_FILL:
+            return -1  # the structure check has refused such a file already; bounded all the same
         if d[i] != 0xFF:
             return -1
         marker = d[i + 1]

@@ -391,6 +391,10 @@ COSTLY = ("decode_timeout", "decode_memory", "crashed_decoder")
 
 
 def _is_big(data: bytes) -> bool:
+    """Runs in the agent: only the cheap headers are read (a JPEG is never big here, and its header walk is the
+    worker's to do - a crafted one costs CPU, and here it would hold the agent's GIL)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return False
     try:
         h = read_header(data)
     except Rejected:

@@ -671,3 +671,39 @@ ATTACKS += [
     ("tiff-damaged-tile.tif", tiff_damaged_tile, "deflate tile 5 of 16 is garbage"),
     ("tiff-damaged-strip.tif", tiff_damaged_strip, "deflate strip 2 of 2 is garbage"),
 ]
+
+
+def jpeg_fill_bytes(mb: int = 20) -> bytes:
+    """A small JPEG with `mb` MB of 0xFF fill bytes before its first segment (legal before any marker)."""
+    j = _encode(".jpg", noise())
+    return j[:2] + b"\xff" * (mb << 20) + j[2:]
+
+
+def jpeg_empty_segments(mb: int = 20) -> bytes:
+    """`mb` MB of empty APP0 segments (FF E0 00 02) before the frame header."""
+    j = _encode(".jpg", noise())
+    return j[:2] + b"\xff\xe0\x00\x02" * (mb << 18) + j[2:]
+
+
+def tiff_many_entries(n_ifds: int = 16, n: int = 65535) -> bytes:
+    """`n_ifds` directories of `n` entries each (tags the decoder skips: unknown type), all valid otherwise."""
+    skip = {256, 257, 258, 259, 262, 273, 277, 278, 279, 322, 323, 324, 325, 330}
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    base = [(256, 4, 1, 64), (257, 4, 1, 64), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0),
+            (277, 3, 1, 1), (278, 4, 1, 64), (279, 4, 1, 4096)]
+    extra = [(t, 99, 1, 0) for t in range(400, 65535) if t not in skip and t not in (34665, 34853, 40965)]
+    entries = sorted(base + extra[: n - len(base)])
+    body = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+    for k in range(n_ifds):
+        at = len(out)
+        out += body + struct.pack("<I", at + len(body) + 4 if k < n_ifds - 1 else 0)
+    strip = len(out)
+    out += b"\x80" * 4096
+    return bytes(out).replace(struct.pack("<HHII", 273, 4, 1, 0), struct.pack("<HHII", 273, 4, 1, strip))
+
+
+ATTACKS += [
+    ("jpeg-fill-20mb.jpg", jpeg_fill_bytes, "20 MB of 0xFF fill bytes before the first segment"),
+    ("jpeg-empty-segments.jpg", jpeg_empty_segments, "5 million empty APP0 segments (20 MB)"),
+    ("tiff-1m-entries.tif", tiff_many_entries, "16 directories of 65535 entries (12 MB)"),
+]

@@ -67,6 +67,7 @@ EXPECTED = {
     "tiff-jpeg-3000-scans.tif": "corrupt", "tiff-ojpeg-3000-scans.tif": "corrupt", "tiff-8x32f.tif": "decode_failed",
     "tiff-float-nan.tif": "decode_failed", "tiff-planar.tif": "result", "tiff-palette.tif": "result",
     "tiff-page2-huge.tif": "result", "tiff-damaged-tile.tif": "corrupt", "tiff-damaged-strip.tif": "corrupt",
+    "jpeg-fill-20mb.jpg": "corrupt", "jpeg-empty-segments.jpg": "corrupt", "tiff-1m-entries.tif": "corrupt",
     "webp-lossless-64mp.webp": "result", "webp-animated.webp": "multiple_images",
     "webp-anim-flag-cleared.webp": "corrupt", "bmp-rle8-bomb.bmp": "result", "bmp-rle4-topdown.bmp": "decode_failed",
     "bmp-topdown.bmp": "result", "bmp-bitfields16.bmp": "result", "bmp-bitfields32.bmp": "result",
@@ -286,3 +287,28 @@ def test_bmp_colour_masks_the_decoder_would_ignore_are_refused_and_honoured_ones
     check_structure(bmp_bitfields(16), "bmp")
     check_structure(bmp_bitfields(16, (0x7C00, 0x03E0, 0x001F)), "bmp")
     assert rejected(bmp_bitfields(16, (0x001F, 0x07E0, 0xF800)), "bmp").code == "unsupported"
+
+
+def test_header_walks_are_bounded_in_bytes_and_entries() -> None:
+    """The container walks step through headers in Python: before, 50 MB of 0xFF fill bytes cost 5.5 s of CPU in
+    read_header alone (which the agent itself also ran, for every file, to decide whether it was big), 48 MB of
+    empty segments 4.3 s, 64 TIFF directories of 65535 entries 5.1 s. Now each is refused after a bounded walk,
+    and the agent reads no JPEG header at all."""
+    from edge_agent.containers import MAX_JPEG_FILL, MAX_SEGMENTS
+    from edge_agent.decode import read_header
+    from edge_agent.decode_worker import _is_big
+    from hostile_files import _encode, jpeg_empty_segments, jpeg_fill_bytes, noise, tiff_many_entries
+
+    for data, words in ((jpeg_fill_bytes(1), f"more than {MAX_JPEG_FILL} fill bytes"),
+                        (jpeg_empty_segments(1), f"more than {MAX_SEGMENTS} header segments")):
+        with pytest.raises(Rejected) as e:
+            read_header(data)
+        assert e.value.code == "corrupt" and words in e.value.reason
+        assert rejected(data, "jpeg").code == "corrupt"
+        assert _is_big(data) is False
+    j = _encode(".jpg", noise())
+    few = j[:2] + b"\xff" * 100 + j[2:]  # a few fill bytes are legal and stay accepted
+    assert read_header(few).width == 128
+    check_structure(few, "jpeg")
+    assert f"more than {MAX_SEGMENTS} directory entries" in rejected(tiff_many_entries(2), "tiff").reason
+    check_structure(tiff_many_entries(1, 1000), "tiff")
