@@ -39,7 +39,10 @@ QUALITY_SIDE = 256
 OVERSAMPLE = 1.9
 # Only one full-resolution decode of a big non-JPEG image at a time: the
 # other formats cannot be decoded at reduced scale, so this caps peak memory.
+# The same holds for progressive JPEGs: the decoder keeps every coefficient
+# until the last scan, whatever the scale (a 64 MP 4:4:4 one: 427 MB).
 BIG_DECODE_PIXELS = 16_000_000
+PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 _big_decode = threading.Semaphore(1)
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -143,8 +146,14 @@ def read_header(data: bytes) -> Header:
 
 
 def _jpeg_size(d: bytes) -> tuple[int, int]:
-    """The frame header's size. The walk is bounded (segments, fill bytes): it runs byte by byte in Python, and a
-    100 MB file of empty segments or 0xFF fill bytes would otherwise cost about 10 s of CPU."""
+    w, h, _sof = jpeg_frame(d)
+    return w, h
+
+
+def jpeg_frame(d: bytes) -> tuple[int, int, int]:
+    """The frame header's size and marker (SOF0..SOF15). The walk is bounded (segments, fill bytes): it runs byte
+    by byte in Python, and a 100 MB file of empty segments or 0xFF fill bytes would otherwise cost about 10 s of
+    CPU."""
     i, n, fill, seen = 2, len(d), 0, 0
     while True:
         while i < n and d[i] == 0xFF and i + 1 < n and d[i + 1] == 0xFF:
@@ -170,7 +179,7 @@ def _jpeg_size(d: bytes) -> tuple[int, int]:
         seglen = struct.unpack(">H", d[i + 2:i + 4])[0]
         if marker in _SOF:
             h, w = struct.unpack(">HH", d[i + 5:i + 9])
-            return w, h
+            return w, h, marker
         i += 2 + seglen
 
 
@@ -366,12 +375,12 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     and libpng step over such damage and return an image that is partly garbage.
     """
     buf = np.frombuffer(data, np.uint8)
-    big = header.format != "jpeg" and header.width * header.height > BIG_DECODE_PIXELS
+    big = is_big(data, header)
     try:
         with capture if capture is not None else contextlib.nullcontext():
             if big:
                 with _big_decode:
-                    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+                    img = cv2.imdecode(buf, _REDUCED[reduction])  # 1 but for a progressive JPEG
             else:
                 img = cv2.imdecode(buf, _REDUCED[reduction])
     except cv2.error as e:
@@ -393,6 +402,19 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     return img
+
+
+def is_big(data: bytes, header: Header) -> bool:
+    """A decode that holds the whole image in memory at full resolution: any format but JPEG, or a progressive
+    JPEG, above BIG_DECODE_PIXELS."""
+    if header.width * header.height <= BIG_DECODE_PIXELS:
+        return False
+    if header.format != "jpeg":
+        return True
+    try:
+        return jpeg_frame(data)[2] in PROGRESSIVE_SOF
+    except (Rejected, struct.error, IndexError):
+        return False
 
 
 def _out_of_memory(header: Header) -> Rejected:

@@ -707,3 +707,21 @@ ATTACKS += [
     ("jpeg-empty-segments.jpg", jpeg_empty_segments, "5 million empty APP0 segments (20 MB)"),
     ("tiff-1m-entries.tif", tiff_many_entries, "16 directories of 65535 entries (12 MB)"),
 ]
+
+
+def jpeg_progressive_64mp(sampling: int, shift: int = 0) -> bytes:
+    """A legitimate 8000x8000 progressive JPEG (libjpeg's default scans): the decoder keeps every coefficient of
+    the image in memory until the last scan (2 bytes per sample: 384 MB at 4:4:4), even at 1/8 scale."""
+    cv2 = _cv2()
+    y, x = np.mgrid[0:8000, 0:8000]
+    img = np.dstack([(x % 256), (y % 256), ((x + y + shift) % 256)]).astype(np.uint8)
+    return _encode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling,
+                                 cv2.IMWRITE_JPEG_QUALITY, 80])
+
+
+ATTACKS += [
+    ("jpeg-64mp-progressive-444.jpg", lambda: jpeg_progressive_64mp(_cv2().IMWRITE_JPEG_SAMPLING_FACTOR_444),
+     "legitimate 64 MP progressive JPEG, 4:4:4"),
+    ("jpeg-64mp-progressive-420.jpg", lambda: jpeg_progressive_64mp(_cv2().IMWRITE_JPEG_SAMPLING_FACTOR_420),
+     "legitimate 64 MP progressive JPEG, 4:2:0"),
+]

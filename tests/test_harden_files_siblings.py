@@ -67,6 +67,7 @@ EXPECTED = {
     "tiff-jpeg-3000-scans.tif": "corrupt", "tiff-ojpeg-3000-scans.tif": "corrupt", "tiff-8x32f.tif": "decode_failed",
     "tiff-float-nan.tif": "decode_failed", "tiff-planar.tif": "result", "tiff-palette.tif": "result",
     "tiff-page2-huge.tif": "result", "tiff-damaged-tile.tif": "corrupt", "tiff-damaged-strip.tif": "corrupt",
+    "jpeg-64mp-progressive-444.jpg": "result", "jpeg-64mp-progressive-420.jpg": "result",
     "jpeg-fill-20mb.jpg": "corrupt", "jpeg-empty-segments.jpg": "corrupt", "tiff-1m-entries.tif": "corrupt",
     "webp-lossless-64mp.webp": "result", "webp-animated.webp": "multiple_images",
     "webp-anim-flag-cleared.webp": "corrupt", "bmp-rle8-bomb.bmp": "result", "bmp-rle4-topdown.bmp": "decode_failed",
@@ -84,7 +85,8 @@ import json, os, resource, sys, threading, time
 limit = int(sys.argv[1])
 pid = os.fork()
 if pid == 0:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.execv(sys.argv[2], sys.argv[2:])
 def field(p, name, where="status"):
     try:
@@ -124,9 +126,11 @@ print(json.dumps({"status": os.waitstatus_to_exitcode(status), "agent_hwm_mb": h
 """
 
 
-def scan_measured(dirs: dict[str, Path], bundle: Path, *extra: str, **env: str) -> tuple[dict, str]:
+def scan_measured(dirs: dict[str, Path], bundle: Path, *extra: str, as_limit: int = AGENT_AS_LIMIT,
+                  **env: str) -> tuple[dict, str]:
+    """`edge-agent scan` under RLIMIT_AS `as_limit` (0: none; the decode workers keep their own ceilings)."""
     cmd = agent_cmd("scan", *site_args(dirs, bundle, *extra))
-    p = subprocess.run([sys.executable, "-c", _LAUNCH, str(AGENT_AS_LIMIT), *cmd], env=agent_env(**env),
+    p = subprocess.run([sys.executable, "-c", _LAUNCH, str(as_limit), *cmd], env=agent_env(**env),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     out = p.stdout.decode(errors="replace")
     return json.loads(out.rstrip().splitlines()[-1]), out
@@ -293,7 +297,7 @@ def test_header_walks_are_bounded_in_bytes_and_entries() -> None:
     """The container walks step through headers in Python: before, 50 MB of 0xFF fill bytes cost 5.5 s of CPU in
     read_header alone (which the agent itself also ran, for every file, to decide whether it was big), 48 MB of
     empty segments 4.3 s, 64 TIFF directories of 65535 entries 5.1 s. Now each is refused after a bounded walk,
-    and the agent reads no JPEG header at all."""
+    in the worker and in the agent's own look at the header alike."""
     from edge_agent.containers import MAX_JPEG_FILL, MAX_SEGMENTS
     from edge_agent.decode import read_header
     from edge_agent.decode_worker import _is_big
@@ -312,3 +316,35 @@ def test_header_walks_are_bounded_in_bytes_and_entries() -> None:
     check_structure(few, "jpeg")
     assert f"more than {MAX_SEGMENTS} directory entries" in rejected(tiff_many_entries(2), "tiff").reason
     check_structure(tiff_many_entries(1, 1000), "tiff")
+
+
+def test_big_progressive_jpegs_are_decoded_one_at_a_time(dirs, bundle_dir) -> None:
+    """A progressive JPEG keeps every coefficient in memory until its last scan, even when decoded at 1/8 scale:
+    a 64 MP 4:4:4 one peaked at 427 MB in its worker. Each worker is under its own ceiling, but the unit's
+    MemoryMax counts them together: big progressive JPEGs must share the one-big-decode-at-a-time rule that
+    the formats without reduced decoding have (DecodePool), or n workers take n times that (before: three
+    such files with three workers reached 972 MB of PSS in one run and 637 MB in another, as the decodes happened
+    to overlap; after: one at a time, about 600 MB)."""
+    import cv2
+    import numpy as np
+
+    from hostile_files import jpeg_progressive_64mp
+
+    from edge_agent.decode_worker import _is_big
+    from hostile_files import _encode
+
+    big = [jpeg_progressive_64mp(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, k) for k in range(3)]
+    assert all(_is_big(b) for b in big)  # the pool's rule (before: never for a JPEG)
+    baseline = _encode(".jpg", cv2.resize(cv2.imdecode(np.frombuffer(big[0], np.uint8), cv2.IMREAD_REDUCED_COLOR_8),
+                                          (8000, 8000), interpolation=cv2.INTER_NEAREST))
+    assert not _is_big(baseline)  # a baseline JPEG decodes at 1/8 scale in little memory: not serialised
+    for k, data in enumerate(big):
+        (dirs["inbox"] / f"big_{k}.jpg").write_bytes(data)
+    # No RLIMIT_AS on the agent here: the point is the tree's total, and with three decode threads the agent's
+    # own address space (thread stacks, libraries: VmPeak 957-971 MB measured) is too close to 1 GiB for an
+    # address-space limit to stand in for the unit's MemoryMax, which counts resident memory only.
+    m, out = scan_measured(dirs, bundle_dir, "--workers", "3", as_limit=0)
+    assert m["status"] == 0, out[-3000:]
+    assert sorted(r["original_name"] for r in rows(dirs["db"], "SELECT original_name FROM results")) == \
+        ["big_0.jpg", "big_1.jpg", "big_2.jpg"], out[-3000:]
+    assert m["peak_sum_mb"] < UNIT_MEMORY_MAX_MB, m
