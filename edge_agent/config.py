@@ -58,6 +58,7 @@ class Settings:
     partial_timeout_seconds: float = 600.0
     max_pixels: int = 64_000_000
     max_file_mb: float = 100.0
+    decode_cpu_seconds: float = 60.0
     min_sharpness: float = 10.0
     min_brightness: float = 40.0
     max_brightness: float = 225.0
@@ -130,6 +131,8 @@ HELP: dict[str, str] = {
                                "this long (run and scan alike: scan leaves younger ones in the inbox and names them)",
     "max_pixels": "largest accepted image (width x height), read from the header before decoding",
     "max_file_mb": "largest accepted file size in MiB",
+    "decode_cpu_seconds": "processor time one image's decode may use before it is stopped and the file quarantined "
+                          "(decode_timeout); a 64 MP image needs a few seconds, even on a Raspberry Pi",
     "min_sharpness": "variance of Laplacian (at <=256 px) below which an image is flagged blurry",
     "min_brightness": "mean brightness (0-255, image centre) below which an image is flagged too dark",
     "max_brightness": "mean brightness above which an image is flagged overexposed",
@@ -201,6 +204,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "queue_max": (1, 4096, "every queued image holds its pixels in memory"),
     "max_pixels": (1, 1 << 30, "OpenCV's own limit; a 1-gigapixel image needs gigabytes to decode"),
     "max_file_mb": (0, 2048, "a file is read into memory whole; dermoscopy exports are far smaller"),
+    "decode_cpu_seconds": (1, 3600, "an hour of CPU for one image is a stuck or hostile decoder"),
     "spot_check_fraction": (0, 1, "a fraction"),
     "quiet_seconds": (0, 3600, "an hour without change is more than any copy needs"),
     "rescan_seconds": (0, 86400, "at least once a day"),

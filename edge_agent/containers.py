@@ -26,6 +26,17 @@ import zlib
 from .rejection import Rejected
 
 MAX_SEGMENTS = 100_000  # chunks/segments walked at most; real files have a few thousand
+# A progressive JPEG decoder visits every block of the image once per scan, however little data a scan holds: a
+# 64 MP file with 882 legal one-coefficient scans (228 KB) took 13 s of CPU, 3000 repeated scans (476 KB) 15 s,
+# and the count is unbounded. Encoders write 1 (baseline) to about 10 (libjpeg's progression) or ~20 (mozjpeg's
+# optimised scans); libjpeg-turbo's own guard for untrusted files (TJPARAM_SCANLIMIT) exists for this reason.
+MAX_JPEG_SCANS = 100
+# libpng inflates every zTXt, compressed iTXt and iCCP chunk while reading the header, up to 8 MB each: 1200
+# zTXt chunks of 8 KB (10 MB) took 18 s of CPU. Real files carry a handful (a profile, XMP, an EXIF text).
+MAX_PNG_INFLATED_CHUNKS = 16
+# 0xFF fill bytes may precede any marker; encoders write none or a few. The header walks step over them one by
+# one in Python: 50 MB of them cost 5.5 s of CPU per walk (and the agent itself looked at JPEG headers).
+MAX_JPEG_FILL = 65_536
 PNG_END = b"IEND\xaeB`\x82"
 
 
@@ -73,7 +84,7 @@ def check_png(d: bytes) -> None:
     if depth not in _PNG_COLOUR_DEPTHS.get(colour, ()) or compression or filt or interlace > 1:
         raise _corrupt("PNG", f"IHDR has an invalid combination (bit depth {depth}, colour type {colour}, "
                               f"compression {compression}, filter {filt}, interlace {interlace})")
-    pos, idat_runs, last_idat, seen = 33, 0, False, 0
+    pos, idat_runs, last_idat, seen, inflated = 33, 0, False, 0, 0
     while True:
         if pos + 12 > n:
             raise _truncated("PNG", n)
@@ -94,6 +105,12 @@ def check_png(d: bytes) -> None:
         elif kind[0] < 97 and kind not in _PNG_CRITICAL:  # upper-case first letter: critical, unknown
             raise _corrupt("PNG", f"unknown critical chunk {kind!r}")
         last_idat = kind == b"IDAT"
+        if kind in (b"zTXt", b"iCCP") or (kind == b"iTXt" and _itxt_compressed(d, pos + 8, length)):
+            inflated += 1
+            if inflated > MAX_PNG_INFLATED_CHUNKS:
+                raise _corrupt("PNG", f"more than {MAX_PNG_INFLATED_CHUNKS} compressed metadata chunks (zTXt, "
+                                      "iTXt, iCCP), each of which the decoder must inflate before the image - no "
+                                      "camera writes that many")
         with memoryview(d) as view:  # no copy of a mapped file; released before the caller closes the map
             crc = zlib.crc32(view[pos + 4:pos + 8 + length]) & 0xFFFFFFFF
         if crc != struct.unpack(">I", d[pos + 8 + length:pos + 12 + length])[0]:
@@ -108,6 +125,12 @@ def check_png(d: bytes) -> None:
             raise _corrupt("PNG", f"more than {MAX_SEGMENTS} chunks")
     if not idat_runs:
         raise _corrupt("PNG", "no image data (IDAT) before IEND")
+
+
+def _itxt_compressed(d: bytes, start: int, length: int) -> bool:
+    """iTXt: keyword (1-79 bytes), NUL, then the compression flag."""
+    nul = d.find(b"\0", start, start + min(length, 80))
+    return nul >= 0 and nul + 1 < start + length and d[nul + 1] == 1
 
 
 # --- TIFF ----------------------------------------------------------------------------------
@@ -128,6 +151,7 @@ class _Tiff:
         self.d, self.n = d, len(d)
         self.e = "<" if d[:2] == b"II" else ">"
         self.visited: set[int] = set()
+        self.entries = 0  # directory entries walked, all directories together (each is a Python step)
 
     def u(self, code: str, at: int) -> int:
         return struct.unpack(self.e + code, self.d[at:at + struct.calcsize(code)])[0]
@@ -157,6 +181,9 @@ class _Tiff:
             raise _corrupt("TIFF", f"the directory at {off} is empty")
         if end > self.n:
             raise _truncated("TIFF", self.n)
+        self.entries += count
+        if self.entries > MAX_SEGMENTS:  # 64 directories of 65535 entries (47 MB) took 5 s of CPU to walk
+            raise _corrupt("TIFF", f"more than {MAX_SEGMENTS} directory entries (real files have a few dozen)")
         prev = -1
         tags: dict[int, list[int]] = {}
         for k in range(count):
@@ -262,6 +289,11 @@ def check_webp(d: bytes) -> None:
 # --- BMP -----------------------------------------------------------------------------------
 
 _BMP_DIB = (12, 40, 52, 56, 64, 108, 124)
+# Colour masks (R, G, B) of BI_BITFIELDS images that OpenCV decodes as the masks say. With a header shorter than
+# BITMAPV4HEADER (108 bytes) it ignores 32-bit masks and reads the bytes as B, G, R, X: masks of R=0xFF,
+# B=0xFF0000 (what some software writes) came out with red and blue swapped, 10-bit masks as garbage - while every
+# viewer honours them. 16-bit images decode right with 5-6-5 and 5-5-5 masks only (others fail to decode).
+_BMP_MASKS = {16: ((0xF800, 0x07E0, 0x001F), (0x7C00, 0x03E0, 0x001F)), 32: ((0xFF0000, 0xFF00, 0xFF),)}
 
 
 def check_bmp(d: bytes) -> None:
@@ -289,28 +321,47 @@ def check_bmp(d: bytes) -> None:
         raise _corrupt("BMP", f"the palette claims {colours} colours for {bpp}-bit pixels")
     if not 14 + dib <= offbits <= n:
         raise _corrupt("BMP", f"pixel data offset {offbits} is outside the header-to-end range 14+{dib}..{n}")
+    if compression in (3, 6) and bpp in _BMP_MASKS and not (bpp == 32 and dib >= 108):
+        if 66 > offbits:
+            raise _corrupt("BMP", "the colour masks of a bit-field image overlap its pixel data")
+        masks = struct.unpack("<3I", d[54:66])  # after a 40-byte header, inside the longer ones: same place
+        if masks not in _BMP_MASKS[bpp]:
+            raise Rejected("unsupported", f"{bpp}-bit BMP with colour masks R={masks[0]:#x} G={masks[1]:#x} "
+                           f"B={masks[2]:#x} in a {dib}-byte header: the decoder would not apply them, so its "
+                           "colours would differ from what a viewer shows - re-export the image as PNG or JPEG")
 
 
 # --- JPEG ----------------------------------------------------------------------------------
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_ARITHMETIC = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xCC}  # SOF9-11, SOF13-15 and DAC
 
 
 def check_jpeg(d: bytes) -> None:
     """Exactly one frame header (SOF) before the first scan, its length consistent with its components,
-    a real height (0 would defer it to a DNL marker, which the decoder does not honour)."""
-    i, n, frames, seen = 2, len(d), 0, 0
+    a real height (0 would defer it to a DNL marker, which the decoder does not honour), Huffman coding (not
+    arithmetic), and at most MAX_JPEG_SCANS scans in the image data."""
+    i, n, frames, seen, fill = 2, len(d), 0, 0, 0
     while i + 4 <= n:
         if d[i] != 0xFF:
             raise _corrupt("JPEG", f"invalid marker structure at byte {i}")
         marker = d[i + 1]
         if marker == 0xFF:
             i += 1
+            fill += 1
+            if fill > MAX_JPEG_FILL:
+                raise _corrupt("JPEG", f"more than {MAX_JPEG_FILL} fill bytes (0xFF) between header segments")
             continue
         if marker == 0xDA:
+            _count_scans(d, i)
             break
         if marker == 0x01 or 0xD0 <= marker <= 0xD9:
             raise _corrupt("JPEG", f"marker FF{marker:02X} where a header segment belongs")
+        if marker in _ARITHMETIC:
+            raise Rejected("unsupported", "arithmetic-coded JPEG (marker FF{:02X}): cameras and dermatoscopes do not "
+                           "write it, browsers cannot show it, and damage in its data goes unreported by the decoder "
+                           "(a file of random scan data decoded to a picture without a warning) - re-export the "
+                           "image as a standard (baseline or progressive) JPEG or as PNG".format(marker))
         seglen = struct.unpack(">H", d[i + 2:i + 4])[0]
         if seglen < 2:
             raise _corrupt("JPEG", f"segment FF{marker:02X} has length {seglen}")
@@ -330,3 +381,19 @@ def check_jpeg(d: bytes) -> None:
         seen += 1
         if seen > MAX_SEGMENTS:
             raise _corrupt("JPEG", f"more than {MAX_SEGMENTS} header segments")
+
+
+def _count_scans(d: bytes, first_sos: int) -> None:
+    """Scans (SOS markers) from the first one to the end of the image (EOI). 0xFF in entropy-coded data is always
+    followed by 0x00 (stuffing) or a marker, so FF DA inside the image data is a scan header; a second image
+    appended after EOI (a phone's depth map or gain map) is not the decoder's business and not counted."""
+    end = d.find(b"\xff\xd9", first_sos)
+    end = end if end >= 0 else len(d)
+    scans, at = 0, first_sos
+    while scans <= MAX_JPEG_SCANS and 0 <= at < end:  # find(), not count(): a mapped file has no count()
+        scans += 1
+        at = d.find(b"\xff\xda", at + 2, end)
+    if scans > MAX_JPEG_SCANS:
+        raise _corrupt("JPEG", f"more than {MAX_JPEG_SCANS} scans (encoders write 1 to about 20): "
+                               "each scan makes the decoder pass over the whole image again, so a small file can "
+                               "keep it busy for minutes")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .containers import check_structure
+from .containers import MAX_JPEG_FILL, MAX_SEGMENTS, check_structure
 from .decoder_messages import StderrCapture, classify
 from .preprocess import Preprocessing, preprocess_bgr
 from .rejection import Rejected
@@ -39,7 +39,10 @@ QUALITY_SIDE = 256
 OVERSAMPLE = 1.9
 # Only one full-resolution decode of a big non-JPEG image at a time: the
 # other formats cannot be decoded at reduced scale, so this caps peak memory.
+# The same holds for progressive JPEGs: the decoder keeps every coefficient
+# until the last scan, whatever the scale (a 64 MP 4:4:4 one: 427 MB).
 BIG_DECODE_PIXELS = 16_000_000
+PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 _big_decode = threading.Semaphore(1)
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -101,10 +104,17 @@ def _describe_unknown(data: bytes) -> str:
     head = data[:16]
     known = {b"%PDF": "a PDF document", b"GIF8": "a GIF image", b"PK\x03\x04": "a ZIP archive (or Office document)",
              b"II+\x00": "a BigTIFF image", b"MM\x00+": "a BigTIFF image", b"\x00\x00\x00\x0cjP": "a JPEG 2000 image",
-             b"DICM": "a DICOM file"}
+             b"DICM": "a DICOM file", b"#?RADIANCE": "a Radiance HDR image", b"#?RGBE": "a Radiance HDR image",
+             b"PF\n": "a PFM (floating-point) image", b"Pf\n": "a PFM (floating-point) image",
+             b"\x59\xa6\x6a\x95": "a Sun raster image", b"\x76\x2f\x31\x01": "an OpenEXR image",
+             b"\xff\x0a": "a JPEG XL image", b"\x00\x00\x00\x0cJXL ": "a JPEG XL image",
+             b"8BPS": "a Photoshop document",
+             b"\xff\x4f\xff\x51": "a JPEG 2000 codestream"}
     for magic, what in known.items():
         if head.startswith(magic) or data[128:132] == magic:
             return what
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "a PNM/PPM/PGM image"
     if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
         return "a HEIC/AVIF image"
     try:
@@ -136,10 +146,26 @@ def read_header(data: bytes) -> Header:
 
 
 def _jpeg_size(d: bytes) -> tuple[int, int]:
-    i, n = 2, len(d)
+    w, h, _sof = jpeg_frame(d)
+    return w, h
+
+
+def jpeg_frame(d: bytes) -> tuple[int, int, int]:
+    """The frame header's size and marker (SOF0..SOF15). The walk is bounded (segments, fill bytes): it runs byte
+    by byte in Python, and a 100 MB file of empty segments or 0xFF fill bytes would otherwise cost about 10 s of
+    CPU."""
+    i, n, fill, seen = 2, len(d), 0, 0
     while True:
         while i < n and d[i] == 0xFF and i + 1 < n and d[i + 1] == 0xFF:
             i += 1  # fill bytes
+            fill += 1
+            if fill > MAX_JPEG_FILL:
+                raise Rejected("corrupt", f"corrupt JPEG: more than {MAX_JPEG_FILL} fill bytes (0xFF) between header "
+                               "segments; the file is damaged or crafted - re-export the image")
+        seen += 1
+        if seen > MAX_SEGMENTS:
+            raise Rejected("corrupt", f"corrupt JPEG: more than {MAX_SEGMENTS} header segments before the frame "
+                           "header; the file is damaged or crafted - re-export the image")
         if i + 4 > n:
             raise IndexError
         if d[i] != 0xFF:
@@ -153,14 +179,17 @@ def _jpeg_size(d: bytes) -> tuple[int, int]:
         seglen = struct.unpack(">H", d[i + 2:i + 4])[0]
         if marker in _SOF:
             h, w = struct.unpack(">HH", d[i + 5:i + 9])
-            return w, h
+            return w, h, marker
         i += 2 + seglen
 
 
 def _jpeg_first_sos(d: bytes) -> int:
     """Offset of the first SOS marker, found by walking the segments; -1 if the walk goes astray."""
-    i, n = 2, len(d)
+    i, n, steps = 2, len(d), 0
     while i + 4 <= n:
+        steps += 1
+        if steps > MAX_SEGMENTS + MAX_JPEG_FILL:
+            return -1  # the structure check has refused such a file already; bounded all the same
         if d[i] != 0xFF:
             return -1
         marker = d[i + 1]
@@ -346,12 +375,12 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     and libpng step over such damage and return an image that is partly garbage.
     """
     buf = np.frombuffer(data, np.uint8)
-    big = header.format != "jpeg" and header.width * header.height > BIG_DECODE_PIXELS
+    big = is_big(data, header)
     try:
         with capture if capture is not None else contextlib.nullcontext():
             if big:
                 with _big_decode:
-                    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+                    img = cv2.imdecode(buf, _REDUCED[reduction])  # 1 but for a progressive JPEG
             else:
                 img = cv2.imdecode(buf, _REDUCED[reduction])
     except cv2.error as e:
@@ -373,6 +402,19 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     return img
+
+
+def is_big(data: bytes, header: Header) -> bool:
+    """A decode that holds the whole image in memory at full resolution: any format but JPEG, or a progressive
+    JPEG, above BIG_DECODE_PIXELS."""
+    if header.width * header.height <= BIG_DECODE_PIXELS:
+        return False
+    if header.format != "jpeg":
+        return True
+    try:
+        return jpeg_frame(data)[2] in PROGRESSIVE_SOF
+    except (Rejected, struct.error, IndexError):
+        return False
 
 
 def _out_of_memory(header: Header) -> Rejected:

@@ -11,6 +11,18 @@ fresh worker), a decoder that crashes kills only the worker (`crashed_decoder`),
 one that hangs is killed after DECODE_TIMEOUT_S (`decode_timeout`). The agent,
 its database and the other files carry on.
 
+Wall time is a poor measure of a decoder that is working rather than stuck:
+on a busy device the same decode takes longer, and a crafted file that is
+merely expensive (thousands of progressive JPEG scans, hundreds of compressed
+PNG text chunks) holds a worker for the whole wall-clock allowance. So each
+decode also gets a processor-time ceiling (`decode_cpu_seconds`, 60 s): the
+worker lowers its own soft RLIMIT_CPU to what it has used plus the ceiling
+before each decode and lifts it after; past it the kernel sends SIGXCPU, whose
+default action ends the worker wherever the decoder is (no Python handler
+could interrupt a C loop), and the file is quarantined as `decode_timeout` at
+once (no retry: the same bytes would use the same time). Core dumps are off in
+the workers (SIGXCPU would write one of the worker's whole address space).
+
 The ceiling is the worker's own address space once it is ready (interpreter,
 numpy, OpenCV) plus what the largest accepted image needs: about 6 bytes per
 pixel of `max_pixels` at the decoder's peak (measured: the 3-byte BGR result
@@ -36,6 +48,7 @@ measured with `scripts/decode_throughput.py`; see docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -43,6 +56,7 @@ import mmap
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -54,13 +68,14 @@ from typing import Any
 
 import numpy as np
 
-from .decode import BIG_DECODE_PIXELS, Decoded, Header, Quality, QualityLimits, read_header
+from .decode import Decoded, Header, Quality, QualityLimits, is_big, read_header
 from .preprocess import Preprocessing
 from .rejection import Rejected
 
 log = logging.getLogger(__name__)
 
 DECODE_TIMEOUT_S = 120.0  # a 64 MP PNG decodes in a few seconds on a Raspberry Pi 4; a decoder looping for ever
+DECODE_CPU_S = 60.0  # Settings.decode_cpu_seconds' default: 64 MP at worst took 2.5 CPU s here (docs/decoding.md)
 START_TIMEOUT_S = 120.0  # importing numpy and OpenCV on a cold SD card
 BYTES_PER_PIXEL = 6
 MARGIN_BYTES = 64 << 20
@@ -111,13 +126,14 @@ class DecodeWorker:
 
     def __init__(self, slot: int, pre: Preprocessing, max_pixels: int, limits: QualityLimits, max_file_bytes: int,
                  journal: Path | None = None, budget_bytes: int | None = None,
-                 timeout: float = DECODE_TIMEOUT_S) -> None:
+                 timeout: float = DECODE_TIMEOUT_S, cpu_seconds: float = DECODE_CPU_S) -> None:
         self.slot = slot
+        self.cpu_seconds = cpu_seconds
         self.journal = journal
         self.timeout = timeout
         self.max_file_bytes = max_file_bytes
         self.config = {"slot": slot, "pre": pre.to_dict(), "max_pixels": int(max_pixels), "limits": asdict(limits),
-                       "journal": str(journal) if journal else None,
+                       "journal": str(journal) if journal else None, "cpu_seconds": float(cpu_seconds),
                        "budget": int(budget_bytes if budget_bytes is not None
                                      else memory_budget(max_pixels, max_file_bytes))}
         self.max_pixels = int(max_pixels)
@@ -238,6 +254,13 @@ class DecodeWorker:
                 last = d.how
                 self._kill()
                 self._clear_journal()  # this death is handled here; it must not count as a strike at the next start
+                if "SIGXCPU" in d.how:  # the worker's processor-time ceiling: the same bytes would take as long again
+                    log.warning("decoding %s used more than %g s of processor time; the decoder was stopped",
+                                name or "a file", self.cpu_seconds)
+                    raise Rejected("decode_timeout", f"decoding used more than {self.cpu_seconds:g} s of processor "
+                                   "time (decode_cpu_seconds), so the decoder was stopped: the file is crafted to keep "
+                                   "the decoder busy (or damaged) - re-export the image; if a genuine image needs "
+                                   "more, raise decode_cpu_seconds") from None
                 log.warning("the decoder process %s while decoding %s%s", d.how, name or "a file",
                             "; retrying in a fresh one" if attempt + 1 < ATTEMPTS else "")
             except _Timeout:
@@ -316,13 +339,18 @@ class DecodePool:
 
     def __init__(self, n: int, pre: Preprocessing, max_pixels: int, limits: QualityLimits, max_file_bytes: int,
                  journal: Path | None = None, budget_bytes: int | None = None,
-                 timeout: float = DECODE_TIMEOUT_S) -> None:
-        self.workers = [DecodeWorker(i, pre, max_pixels, limits, max_file_bytes, journal, budget_bytes, timeout)
-                        for i in range(n)]
+                 timeout: float = DECODE_TIMEOUT_S, cpu_seconds: float = DECODE_CPU_S) -> None:
+        self.workers = [DecodeWorker(i, pre, max_pixels, limits, max_file_bytes, journal, budget_bytes, timeout,
+                                     cpu_seconds) for i in range(n)]
         self._idle: queue.SimpleQueue[DecodeWorker] = queue.SimpleQueue()
         for w in self.workers:
             self._idle.put(w)
         self._big = threading.Semaphore(1)
+        # Content hashes whose decode ended at a ceiling (time or memory) or killed the decoder twice: the same
+        # bytes again (a file taken early at start-up is checked a second time after its quiet period; a copy
+        # under another name) get the same answer without spending the ceiling again.
+        self._costly: collections.OrderedDict[str, Rejected] = collections.OrderedDict()
+        self._costly_lock = threading.Lock()
 
     def start(self) -> None:
         for w in self.workers:
@@ -330,12 +358,24 @@ class DecodePool:
                 w.start()
 
     def decode(self, data: bytes, sha256: str = "", name: str = "") -> Decoded:
+        if sha256:
+            with self._costly_lock:
+                known = self._costly.get(sha256)
+            if known is not None:
+                raise Rejected(known.code, known.reason, known.maybe_incomplete)
         w = self._idle.get()
         try:
             if _is_big(data):
                 with self._big:
                     return w.decode(data, sha256, name)
             return w.decode(data, sha256, name)
+        except Rejected as r:
+            if sha256 and r.code in COSTLY:
+                with self._costly_lock:
+                    self._costly[sha256] = r
+                    while len(self._costly) > 256:
+                        self._costly.popitem(last=False)
+            raise
         finally:
             self._idle.put(w)
 
@@ -348,12 +388,17 @@ class DecodePool:
             w._memfd = w._outfd = -1
 
 
+COSTLY = ("decode_timeout", "decode_memory", "crashed_decoder")
+
+
 def _is_big(data: bytes) -> bool:
+    """Runs in the agent, on the header only (decode.is_big); the JPEG header walk is bounded (MAX_SEGMENTS
+    segments, MAX_JPEG_FILL fill bytes: at most some 40 ms of the agent's CPU for a crafted file)."""
     try:
         h = read_header(data)
-    except Rejected:
+    except (Rejected, struct.error, IndexError, ValueError):
         return False
-    return h.format != "jpeg" and h.width * h.height > BIG_DECODE_PIXELS
+    return is_big(data, h)
 
 
 # --- the worker process ------------------------------------------------------------------------
@@ -391,11 +436,58 @@ def _limit_memory(budget: int) -> tuple[bool, str, int]:
         return False, str(e), 0
 
 
-def _crash_hook(hits: list[int]) -> None:
+class _CpuCeiling:
+    """Per-decode processor-time ceiling through the soft RLIMIT_CPU (see the module docstring)."""
+
+    def __init__(self, seconds: float) -> None:
+        import resource
+
+        self.seconds = seconds
+        self.ok = True
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU must not dump a ~1 GB core
+        except (OSError, ValueError):
+            pass
+        _soft, self.hard = resource.getrlimit(resource.RLIMIT_CPU)
+
+    def arm(self) -> None:
+        import math
+        import resource
+
+        if not self.ok:
+            return
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(u.ru_utime + u.ru_stime + self.seconds)
+        if self.hard != resource.RLIM_INFINITY:
+            soft = min(soft, self.hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, self.hard))
+        except (OSError, ValueError) as e:
+            self.ok = False
+            print(f"edge-agent decoder: no processor-time ceiling ({e}); only the wall-clock timeout applies",
+                  file=sys.stderr, flush=True)
+
+    def disarm(self) -> None:
+        import resource
+
+        if self.ok:
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_CPU, (self.hard, self.hard))
+
+
+def _crash_hook(hits: list[int], name: str = "") -> None:
     """Test hook (as commit.crash_point): EDGE_AGENT_CRASH_AT=in_decode[:n] SIGKILLs the *agent* the n-th time
-    this worker starts decoding, after the journal entry is written: the agent dying mid-decode."""
+    this worker starts decoding, after the journal entry is written: the agent dying mid-decode.
+    EDGE_AGENT_CRASH_AT=spin_in_decode[:TEXT] makes the worker compute for ever instead (for files whose name
+    contains TEXT), as a decoder caught in a loop over crafted data would (it ends at the processor-time ceiling or
+    the wall-clock timeout)."""
     spec = os.environ.get("EDGE_AGENT_CRASH_AT", "")
     point, _, nth = spec.partition(":")
+    if point == "spin_in_decode" and nth in name:
+        print("EDGE_AGENT_CRASH_AT=spin_in_decode: computing for ever (test hook)", file=sys.stderr, flush=True)
+        x = 0
+        while True:
+            x = (x * 1103515245 + 12345) & 0xFFFFFFFF
     if point != "in_decode":
         return
     hits[0] += 1
@@ -439,6 +531,7 @@ def main(config_json: str) -> None:
         decode_image(cv2.imencode(ext, warm)[1].tobytes(), pre, max_pixels, limits)
     capture = StderrCapture()  # the decoder's warnings about damaged data, per decode (decoder_messages.py)
     limited, why, ceiling = _limit_memory(int(cfg["budget"]))
+    cpu = _CpuCeiling(float(cfg.get("cpu_seconds", DECODE_CPU_S)))
     journal_fd = -1
     if cfg.get("journal"):
         journal_fd = os.open(f"{cfg['journal']}.{int(cfg['slot'])}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -466,9 +559,10 @@ def main(config_json: str) -> None:
             entry = (json.dumps({"sha256": meta.get("sha256", ""), "name": meta.get("name", "")}) + "\n").encode()
             os.pwrite(journal_fd, entry, 0)
             os.ftruncate(journal_fd, len(entry))
-        _crash_hook(hits)
         reply: dict[str, Any]
         tensor = None
+        cpu.arm()
+        _crash_hook(hits, str(meta.get("name", "")))
         try:
             d = decode_image(data, pre, max_pixels, limits, capture)
             tensor = np.ascontiguousarray(d.tensor, np.float32)
@@ -486,6 +580,7 @@ def main(config_json: str) -> None:
             reply = {"ok": False, "code": "internal_error", "restart": True,
                      "reason": f"the agent failed while checking this file ({type(e).__name__}: {e}); please "
                                "report this with the file; move it back into the inbox to retry"}
+        cpu.disarm()
         if isinstance(data, mmap.mmap):
             with contextlib.suppress(BufferError):
                 data.close()

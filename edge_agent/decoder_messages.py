@@ -20,12 +20,14 @@ dependency.
 Which messages mean the pixels are not what the camera recorded is decided
 here, by format: every libjpeg "Corrupt JPEG data"/"Premature end" warning
 except a damaged ICC profile (the pixels are intact), libpng's errors and its
-image-data and zlib warnings; colour-profile and text-chunk warnings, and anything else a
-library prints, are only passed on to the agent's log.
+image-data and zlib warnings, and libtiff's errors (a strip or tile that cannot be decompressed
+or read: OpenCV leaves it blank and returns the rest); colour-profile and text-chunk warnings, and anything
+else a library prints, are only passed on to the agent's log.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 # libjpeg(-turbo) warnings (jerror.h JWRN_*) that mean the image data is damaged or incomplete.
@@ -36,6 +38,12 @@ _JPEG_HARMLESS = ("bad icc marker",)  # the embedded colour profile only: OpenCV
 _PNG_DAMAGE = ("image data", "compressed data", "idat", "crc error", "incorrect header check",
                "invalid distance", "invalid block type", "invalid stored block", "invalid code",
                "unexpected end", "read error", "zstream", "decompression error")
+# libtiff reports through TIFFError only what stops it from reading (a strip or tile it cannot decompress or
+# read); its recoverable oddities (unknown tags, odd counts) are TIFFWarning, which OpenCV logs at WARNING level,
+# below the agent's OPENCV_LOG_LEVEL. OpenCV still returns the picture with that strip or tile left blank.
+_TIFF_DAMAGE = ("tiff_error",)
+# OpenCV's log prefix before libtiff's words: "[ERROR:0@1.0] global grfmt_tiff.cpp:117 TIFF_Error "
+_OPENCV_PREFIX = re.compile(r"^\[\s*\w+:[^\]]*\]\s+global\s+\S+\s+TIFF_(Error|Warning)\s+")
 MAX_CAPTURE = 64 << 10  # a decoder warns once per problem; more than this is noise
 
 
@@ -54,10 +62,16 @@ def classify(fmt: str, text: str) -> Verdict:
         if not line:
             continue
         low = line.lower()
+        if fmt == "tiff":
+            m = _OPENCV_PREFIX.match(line)
+            if m:  # OpenCV's log prefix, then libtiff's own words: keep those, named as libtiff's
+                line = f"libtiff {m.group(1).lower()}: {line[m.end():]}"
         if fmt == "jpeg":
             bad = any(k in low for k in _JPEG_DAMAGE) and not any(k in low for k in _JPEG_HARMLESS)
         elif fmt == "png":
             bad = low.startswith("libpng error") or (low.startswith("libpng") and any(k in low for k in _PNG_DAMAGE))
+        elif fmt == "tiff":
+            bad = any(k in low for k in _TIFF_DAMAGE)
         else:
             bad = False
         (damage if bad else notes).append(line)

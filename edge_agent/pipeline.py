@@ -230,7 +230,8 @@ class Agent:
         self.poison = PoisonJournal(site.db)
         self.poison.recover()
         self.decoders = DecodePool(s.workers, bundle.preprocessing, s.max_pixels, self.limits,
-                                   int(s.max_file_mb * 2**20), journal=self.poison.journal)
+                                   int(s.max_file_mb * 2**20), journal=self.poison.journal,
+                                   cpu_seconds=s.decode_cpu_seconds)
         try:
             self.decoders.start()  # the worker processes import OpenCV while the model loads
         except DecoderUnavailable as e:
