@@ -31,7 +31,7 @@ from typing import Any
 from .cleanup import EmptyFolders
 from .config import Settings
 from .decode import Decoded
-from .fsafe import Dest, Escaped, Ident, Replaced, Source, delete_file, lstat_beneath, move_file, open_beneath
+from .fsafe import Dest, Escaped, Ident, Replaced, RootMoved, Source, delete_file, lstat_beneath, move_file, open_beneath
 from .fsafe import ident as ident_of
 from .intake import Candidate, Intake
 from .share import Share
@@ -475,9 +475,9 @@ class Committer:
                     delete_file(src)
                 except FileNotFoundError:
                     pass
-                except Escaped:
-                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
-                                "the inbox and nothing outside it is deleted", src_path)
+                except Escaped as e:
+                    log.warning("%s: %s; the file is no longer in the inbox and nothing outside it is deleted",
+                                src_path, _escaped_why(e))
                     return o.table, o.row_id, "missing", None
                 except Replaced:
                     return self._was_replaced(o)
@@ -494,8 +494,8 @@ class Committer:
                                  private=o.table == "quarantine", share=self.share)
             except (FileNotFoundError, Escaped) as e:
                 if isinstance(e, Escaped):
-                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
-                                "the inbox and nothing outside it is touched", src_path)
+                    log.warning("%s: %s; the file is no longer in the inbox and nothing outside it is touched",
+                                src_path, _escaped_why(e))
                 return o.table, o.row_id, ("moved" if os.path.lexists(o.dest) else "missing"), None
             except Replaced:
                 return self._was_replaced(o)
@@ -601,3 +601,9 @@ def _tag(job: Job) -> str:
     if job.sha256:
         return job.sha256
     return hashlib.sha256(job.cand.rel.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _escaped_why(e: OSError) -> str:
+    if isinstance(e, RootMoved):
+        return e.strerror or "the inbox folder itself was replaced"
+    return "a folder on its way was replaced by a symbolic link"

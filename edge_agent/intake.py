@@ -165,6 +165,8 @@ class Intake:
         the inbox, so its files are complete.
         """
         root = Path(os.path.abspath(under)) if under else self.inbox
+        if fsafe.root_change(self.inbox) is not None:
+            return 0  # the inbox was swapped under the agent: list nothing from wherever its path leads now
         seen: set[str] = set()
         images = 0
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=self._walk_error):

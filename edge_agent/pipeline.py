@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fsafe
 from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
@@ -203,7 +204,12 @@ class Agent:
                               "create it or choose another --db") from None
         # One agent per database and per inbox, decided before anything is read or written (locks.py).
         self._locks.append(lock_database(site.db))
-        self._locks.append(lock_inbox(site.inbox))
+        inbox_lock = lock_inbox(site.inbox)
+        self._locks.append(inbox_lock)
+        # The inbox folder itself is pinned: renamed, deleted or replaced by a link while we run, it is never
+        # reopened by path (fsafe.open_root) and the loops stop the agent (_check_inbox).
+        fsafe.pin_root(site.inbox, inbox_lock.fd)
+        self._pinned = site.inbox
         limit_malloc_arenas()
         self._prepare_dirs()
         from .modelswap import initial_model
@@ -369,6 +375,7 @@ class Agent:
                         self._fatal = gone
                     next_disk = now + (PAUSED_DISK_SECONDS if self.paused or self.db_error else DISK_SECONDS)
                 if now >= next_poll:  # re-stats files still settling: costs O(files), so not at every wake
+                    self._check_inbox()
                     self.intake.poll()
                     next_poll = now + TICK_SECONDS
                 self._dispatch()
@@ -421,6 +428,7 @@ class Agent:
                     self.intake.scan(initial=True)  # more files than paths held: take the next share
                 now = time.monotonic()
                 if now >= next_poll:  # re-stats files still settling: costs O(files), so not at every wake
+                    self._check_inbox()
                     self.intake.poll()
                     next_poll = now + TICK_SECONDS
                 self._dispatch()
@@ -514,7 +522,16 @@ class Agent:
             self.store.close()
         self._release_locks()
 
+    def _check_inbox(self) -> None:
+        """Stop (exit 3, files stay) when the inbox folder is no longer the one the agent started with."""
+        what = fsafe.root_change(self.inbox)
+        if what is not None and self._fatal is None:
+            self._fatal = inbox_moved(self.inbox, what)
+
     def _release_locks(self) -> None:
+        if getattr(self, "_pinned", None) is not None:
+            fsafe.unpin_root(self._pinned)
+            self._pinned = None
         while self._locks:
             self._locks.pop().release()
 
@@ -752,6 +769,12 @@ class Agent:
             self.on_outcome(o)
 
 
+
+
+def inbox_moved(inbox: Path, what: str) -> str:
+    return (f"the inbox {inbox} was {what} while the agent was screening it: screening stopped so that no file "
+            "outside the inbox is read, recorded or moved (files not screened yet stay where they are, nothing was "
+            f"deleted); put the inbox folder back at {inbox} or fix the inbox setting, then start the agent again")
 
 
 def _database_fault(e: BaseException) -> bool:
