@@ -73,3 +73,77 @@ def test_inbox_folder_itself_swapped_under_run_stops_the_agent_and_touches_nothi
         r = cli("scan", *site_args(dirs, bundle_dir))
         assert r.returncode == 0, r.stderr
         assert {r["original_name"] for r in outcome_rows(dirs["db"])} == {*first, "other_0000.jpg"}
+
+
+# --- configuration mistakes ---------------------------------------------------------------------------------
+
+def _config(tmp_path: Path, text: str | bytes, name: str = "config.toml") -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def test_config_file_that_is_not_a_settings_file_is_refused_with_the_cause(dirs, bundle_dir, tmp_path) -> None:
+    """Before: a non-UTF-8 file was a UnicodeDecodeError traceback; a FIFO given as --config hung the start for
+    ever; a 20 MB file was parsed. Now each is exit 2 naming the problem, before anything is touched."""
+    write_images(dirs["inbox"], distinct_images(1, seed=311))
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    cases = {
+        "not UTF-8": _config(tmp_path, b"\xff\xfe = 1\n", "latin.toml"),
+        "larger than 1 MiB": _config(tmp_path, "# padding\n" * 200_000, "huge.toml"),
+        "not a regular file": fifo,
+        "is a folder": tmp_path,
+        "cannot be read as TOML": _config(tmp_path, "workers = 2\nworkers = 3\n", "dup.toml"),
+    }
+    for words, cfg in cases.items():
+        r = cli("scan", "--config", str(cfg), *site_args(dirs, bundle_dir), timeout=60)
+        refused(r, words, str(cfg))
+    refused(cli("scan", "--config", "/dev/zero", *site_args(dirs, bundle_dir), timeout=60), "not a regular file")
+    assert not dirs["db"].exists() and len(list(dirs["inbox"].iterdir())) == 1
+
+
+def test_own_files_in_the_inbox_and_mixed_output_folders_are_refused(dirs, bundle_dir, tmp_path) -> None:
+    """Before: a config file (or a trusted key) inside the inbox was quarantined by its own agent as `not an
+    image`; processed_dir inside quarantine_dir (or the same folder) was accepted and the two kinds of files
+    mixed. Now exit 2 with what to move, and nothing moved."""
+    shas = write_images(dirs["inbox"], distinct_images(1, seed=312))
+    cfg = _config(dirs["inbox"], "workers = 2\n")
+    refused(cli("scan", "--config", str(cfg), *site_args(dirs, bundle_dir)), "inside the inbox", "config file")
+    cfg.unlink()
+    key = dirs["inbox"] / "site.pub"
+    shutil.copy(agent_env()["EDGE_AGENT_TRUSTED_KEYS"], key)
+    refused(cli("scan", *site_args(dirs, bundle_dir), env=agent_env(EDGE_AGENT_TRUSTED_KEYS=str(key))),
+            "trusted_keys", "inside the inbox")
+    key.unlink()
+    q = dirs["root"] / "quarantine"
+    for processed, quarantine in ((q / "processed", q), (dirs["root"] / "p", dirs["root"] / "p" / "q"),
+                                  (dirs["root"] / "same", dirs["root"] / "same")):
+        refused(cli("scan", *site_args(dirs, bundle_dir, "--processed-dir", str(processed), "--quarantine-dir",
+                                      str(quarantine))), "one is inside the other")
+    assert sorted(p.name for p in dirs["inbox"].iterdir()) == sorted(shas) and not dirs["db"].exists()
+
+
+def test_relative_paths_in_the_config_file_are_refused(dirs, bundle_dir, tmp_path) -> None:
+    """Before: `inbox = "inbox"` in the config file meant ./inbox from wherever the agent was started (/ under
+    systemd): the same file named two places. Now exit 2 with the absolute path to write; flags may still be
+    relative (they are typed in a shell, in a known folder)."""
+    cfg = _config(tmp_path, f'inbox = "site/inbox"\ndb = "{dirs["db"]}"\nmodel = "{bundle_dir}"\n')
+    refused(cli("scan", "--config", str(cfg), cwd=str(dirs["root"].parent)), "relative path", "absolute path")
+    shas = write_images(dirs["inbox"], distinct_images(1, seed=313))
+    r = cli("scan", "--inbox", "site/inbox", "--db", str(dirs["db"]), "--model", str(bundle_dir),
+            cwd=str(dirs["root"].parent))
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(dirs, shas)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+def test_limit_beyond_a_64_bit_integer_means_all_rows(dirs, bundle_dir) -> None:
+    """Before: `results --limit 99999999999999999999` was an OverflowError traceback. Now: all rows."""
+    write_images(dirs["inbox"], distinct_images(2, seed=314))
+    assert cli("scan", *site_args(dirs, bundle_dir)).returncode == 0
+    for cmd in ("results", "quarantine", "duplicates"):
+        r = cli(cmd, "--db", str(dirs["db"]), "--limit", "9" * 30, "--format", "ndjson")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stdout.splitlines()) == (2 if cmd == "results" else 0)
