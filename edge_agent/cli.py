@@ -38,6 +38,7 @@ from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
+from .output import OutputGroup, require_stdout
 from .query import FORMATS, LIST_SORTS, SORTS
 from .store import StoreError, connect
 
@@ -141,10 +142,12 @@ def _not_ours(path: Path, e: Exception) -> NoReturn:
     _fail(f"{path} is not an edge-agent results database ({e}); pass the --db the agent writes to")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=OutputGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="edge-agent")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Offline dermoscopy screening agent. Decision support for clinicians, not a diagnosis."""
+    require_stdout(ctx.invoked_subcommand)  # output.py: a report with nowhere to print fails, says so
 
 
 # --- run ---------------------------------------------------------------------------------
