@@ -39,6 +39,7 @@ from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
 from .output import OutputGroup, require_stdout
+from .paths import refuse_inside_inbox
 from .query import FORMATS, LIST_SORTS, SORTS
 from .store import StoreError, connect
 
@@ -558,6 +559,10 @@ def backup(to: Path, keep: int, db: Path | None, config_file: Path | None) -> No
 
     s = _load({"db": db}, config_file)
     try:
+        refuse_inside_inbox("the backup --to", to, s, s.db_path)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
         r = run_backup(s.db_path, to, keep)
     except (BackupError, StoreError) as e:
         _fail(str(e), EXIT_RUNTIME)
@@ -866,6 +871,8 @@ def _swap(action: str, config_file: Path | None, flags: dict[str, Any], reload_:
     s = _load(flags, config_file)
     ptr = modelswap.pointer_path(s.db_path)
     try:
+        if bundle is not None:
+            refuse_inside_inbox("the bundle", bundle, s, s.db_path)
         saved = modelswap.read_pointer(ptr) if ptr.exists() else None
         cand, _ = modelswap.activate(s, bundle) if bundle is not None else modelswap.rollback(s)
     except (modelswap.SwapRejected, ConfigError, StoreError) as e:

@@ -91,7 +91,11 @@ class OutputGroup(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
         check_stdout()
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:  # what is still buffered must fail here, not at exit (where it would be a traceback)
+                if isinstance(sys.stdout, CheckedStdout):
+                    sys.stdout.flush()
         except OutputFailed as e:
             if e.errno == errno.EPIPE:  # the reader went away (| head): quiet, as click does
                 fail_output(e, quiet=True)

@@ -95,3 +95,35 @@ def resolve(s: Settings) -> SitePaths:
         raise ConfigError(f"--db {db} is a folder; pass the database file's path, e.g. {Path(db) / 'results.db'}")
     return SitePaths(inbox=real(inbox), db=dbr, model=real(s.model_path), processed=real(s.processed_path),
                      quarantine=real(s.quarantine_path))
+
+
+def known_inboxes(s: Settings, db: Path | None = None) -> list[Path]:
+    """Every inbox this database is screened from, as real paths: the configured one (flags, environment,
+    config file) and the one the agent last recorded in the database (agent_state), for commands such as
+    `backup` and `model activate` that are given only --db."""
+    found = [real(s.inbox)] if s.inbox is not None else []
+    db = db if db is not None else s.db
+    if db is not None and os.path.isfile(db):
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(f"file:{real(db)}?mode=ro", uri=True, timeout=5)
+            try:
+                row = conn.execute("SELECT value FROM agent_state WHERE key = 'inbox'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            row = None
+        if row and row[0]:
+            found.append(real(Path(row[0])))
+    return found
+
+
+def refuse_inside_inbox(what: str, p: Path, s: Settings, db: Path | None = None) -> None:
+    """ConfigError when p (a backup, a bundle to activate) is inside an inbox of this agent: the agent would
+    screen it as an image, quarantine it and move it away (a bundle from under the running model)."""
+    target = real(p)
+    for inbox in known_inboxes(s, db):
+        if inside(target, inbox):
+            raise ConfigError(f"{what} {target} is inside the inbox {inbox}: the agent would screen it, refuse it "
+                              "as not an image and move it into quarantine; put it outside the inbox")

@@ -229,3 +229,45 @@ def test_database_disk_full_under_scan_exits_with_the_cause_and_loses_nothing(di
     r = cli("scan", *site_args(d, bundle_dir, "--min-free-mb", "0"))
     assert r.returncode == 0, r.stderr
     assert_exactly_once(d, shas)
+
+
+def test_report_output_that_cannot_be_written_is_one_error_line(dirs, bundle_dir) -> None:
+    """Before: `results > /dev/full` (a full USB stick) was an OSError traceback; `results >&-` exited 0 having
+    printed nothing anywhere. Now: exit 1 and one line saying what to do; `| head -1` stays quiet."""
+    write_images(dirs["inbox"], distinct_images(3, seed=331))
+    assert cli("scan", *site_args(dirs, bundle_dir)).returncode == 0
+    for args in (("results",), ("results", "--format", "csv"), ("results", "--format", "json"), ("status",),
+                 ("quarantine",)):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "edge_agent", *args, "--db", str(dirs["db"])], env=agent_env(),
+                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "cannot write the output (No space left on device)" in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-m", "edge_agent", *args, "--db", str(dirs["db"])], env=agent_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60,
+                           preexec_fn=lambda: os.close(1))
+        assert r.returncode == 1 and "standard output is closed" in r.stderr, (args, r.stderr)
+    # a reader that leaves early: no traceback (many rows, so the pipe really breaks)
+    p = subprocess.Popen(f"{sys.executable} -m edge_agent results --db {dirs['db']} --format ndjson | head -c 1",
+                         shell=True, env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=60)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_backup_and_activation_into_the_inbox_are_refused(dirs, bundle_dir, tmp_path) -> None:
+    """Before: `backup --to INBOX/` wrote the copy of every patient result into the inbox, where the running agent
+    quarantined it as `not an image`; `model activate INBOX/bundle` was accepted and the agent then moved its
+    own model away. Now exit 2 (activate: 1, nothing changed), known from --config or from the inbox the agent
+    recorded in the database."""
+    write_images(dirs["inbox"], distinct_images(1, seed=332))
+    assert cli("scan", *site_args(dirs, bundle_dir)).returncode == 0
+    for to in (dirs["inbox"], dirs["inbox"] / "copy.db"):
+        refused(cli("backup", "--db", str(dirs["db"]), "--to", str(to)), "inside the inbox")
+    inside = dirs["inbox"] / "bundle"
+    shutil.copytree(bundle_dir, inside)
+    r = cli("model", "activate", "--db", str(dirs["db"]), str(inside))
+    refused(r, "inside the inbox", "the active model is unchanged", code=1)
+    shutil.rmtree(inside)
+    assert list(dirs["inbox"].iterdir()) == []
+    ok = cli("backup", "--db", str(dirs["db"]), "--to", str(tmp_path / "b.db"))
+    assert ok.returncode == 0 and (tmp_path / "b.db").exists(), ok.stderr
