@@ -153,6 +153,17 @@ def main(ctx: click.Context) -> None:
 
 # --- run ---------------------------------------------------------------------------------
 
+def _ignore_stray_signals(status: Callable[[], str], how: str) -> dict[int, Any]:
+    """SIGUSR1/SIGUSR2/SIGALRM used to kill `run`/`scan` on the spot (their default action), e.g. a logrotate
+    or monitoring script's `kill -USR1`: now a log line (USR1 also says how the agent is doing). Returns the
+    previous handlers."""
+    def on_stray(signum: int, frame: Any) -> None:
+        log.warning("%s received and ignored (%s)%s", signal.Signals(signum).name, how,
+                    f": {status()}" if signum == signal.SIGUSR1 else "")
+
+    return {sig: signal.signal(sig, on_stray) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)}
+
+
 @main.command()
 @_settings_options
 def run(config_file: Path | None, **flags: Any) -> None:
@@ -187,6 +198,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    previous.update(_ignore_stray_signals(agent.status_line, "SIGTERM stops the agent, SIGHUP reloads it"))
     try:
         code = agent.run(stop)
     except (ConfigError, BundleError, StoreError, Busy) as e:
@@ -240,6 +252,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous.update(_ignore_stray_signals(agent.status_line, "SIGTERM or Ctrl-C stops the scan"))
     t0 = time.monotonic()
     try:
         code = agent.scan(progress=lambda n: bar.update(n) if bar else None, on_total=on_total, stop=stop)

@@ -433,9 +433,13 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
             entry = fsafe.ident(fs)  # replaced between the lstat and the open: what was read is what counts
         try:
             if fs.st_size > max_bytes:
+                # Hashed up to the size seen at the open: a file that keeps growing (a writer that never stops)
+                # used to be read until it stopped, i.e. for ever, holding a worker.
                 h = hashlib.sha256()
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                left = fs.st_size
+                while left > 0 and (chunk := f.read(min(1 << 20, left))):
                     h.update(chunk)
+                    left -= len(chunk)
                 return FileRead(None, h.hexdigest(), fs.st_size, (
                     "too_large_file", f"file is {fs.st_size / 2**20:.1f} MiB, above max_file_mb "
                                       f"{max_bytes / 2**20:g}; send a smaller export or raise max_file_mb"), entry)

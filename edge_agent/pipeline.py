@@ -564,6 +564,13 @@ class Agent:
             "metrics": json.dumps(self.metrics.snapshot()) if self.metrics is not None else "",
         }))
 
+    def status_line(self) -> str:
+        """One line on how the agent is doing (SIGUSR1); "starting" before the model is loaded."""
+        try:
+            return self._status_line()
+        except Exception:  # called from a signal handler at any moment: never fail there
+            return "starting"
+
     def _status_line(self) -> str:
         c = self.counts
         return (f"screened {c.results}, flagged {c.flagged}, quarantined {c.quarantined}, duplicates {c.duplicates}, "
