@@ -280,17 +280,20 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent quarantine`)")
     left = agent.left_in_inbox()
     for rel, why, age in left[:20]:
+        if why.startswith("cannot list"):  # a folder the agent cannot enter (intake.unlisted)
+            click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({why})")
+            continue
         what = "temporary upload name, waits for its rename" if why == "temporary name" else \
             f"{why}: possibly still being copied"
         click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({what}; changed {age:.0f} s ago)")
     if len(left) > 20:
         click.echo(f"  ... and {len(left) - 20} more left in the inbox (see `edge-agent status`)")
-    if left:
+    if any(not why.startswith("cannot list") for _, why, _ in left):
         click.echo(f"  files that look incomplete are quarantined once unchanged for {s.partial_timeout_seconds:g} s "
                    "(partial_timeout_seconds), as `run` does; run scan again after the copy has finished")
     if code == EXIT_INCOMPLETE:
-        click.echo("edge-agent: some files in the inbox did not get an outcome (still being written?); run scan "
-                   "again", err=True)
+        click.echo("edge-agent: some files in the inbox did not get an outcome (still being written, or in a "
+                   "folder the agent cannot list: see \"left in the inbox\" above); run scan again", err=True)
     sys.exit(code)
 
 

@@ -91,6 +91,10 @@ class Intake:
         self._inflight: dict[str, Candidate] = {}
         self._settled: dict[str, StatKey] = {}
         self.overflowed = False
+        # Folders the walk could not enter (no permission, nested past PATH_MAX): rel -> why. Their files
+        # cannot get an outcome; a scan says so (exit 1) and `status` lists them, instead of a warning at
+        # every rescan and a scan that reported "all done".
+        self.unlisted: dict[str, str] = {}
 
     # --- observing ---------------------------------------------------------
 
@@ -169,7 +173,9 @@ class Intake:
             return 0  # the inbox was swapped under the agent: list nothing from wherever its path leads now
         seen: set[str] = set()
         images = 0
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=self._walk_error):
+        errors: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
+                                                    onerror=lambda e: self._walk_error(e, errors)):
             here = Path(dirpath)
             keep = []
             for d in dirnames:
@@ -188,6 +194,10 @@ class Intake:
                 seen.add(rel)
                 self.observe(here / name, confirmed=confirmed, initial=initial)
                 images += name_kind(name) == "image"
+        for rel, why in errors.items():
+            if rel not in self.unlisted:
+                log.warning("cannot list %s in the inbox: %s", _short(rel), why)
+        self.unlisted = errors if under is None else {**self.unlisted, **errors}
         if under is None:
             with self._lock:
                 for rel in [r for r in self._settled if r not in seen]:
@@ -198,9 +208,18 @@ class Intake:
                     self.overflowed = False
         return images
 
-    @staticmethod
-    def _walk_error(e: OSError) -> None:
-        log.warning("cannot list %s (%s); check the agent's permissions on the inbox", e.filename, e.strerror)
+    def _walk_error(self, e: OSError, errors: dict[str, str]) -> None:
+        path = Path(os.fspath(e.filename)) if e.filename else self.inbox
+        rel = path.relative_to(self.inbox).as_posix() if path.is_relative_to(self.inbox) else str(path)
+        if e.errno == errno.ENAMETOOLONG:
+            why = ("cannot list the folder: it is nested deeper than the system's path limit (4096 bytes); move "
+                   "its images to a shallower folder of the inbox")
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            why = ("cannot list the folder: permission denied; give the agent's user read and execute access to "
+                   "it (chmod/chgrp), or move its images out")
+        else:
+            why = f"cannot list the folder ({e.strerror}); check the disk and the agent's permissions on it"
+        errors[rel] = why
 
     # --- readiness ---------------------------------------------------------------
 
@@ -316,7 +335,7 @@ class Intake:
             out = [(rel, t.note or "looks incomplete" if t.deferred else "temporary name", now - t.last_change)
                    for rel, t in self._tracks.items()
                    if not t.ready and rel not in self._inflight and (t.deferred or t.kind == "temp")]
-        return sorted(out, key=lambda x: -x[2])
+        return [(_short(rel) + "/", why, 0.0) for rel, why in self.unlisted.items()] + sorted(out, key=lambda x: -x[2])
 
     def deferred(self) -> int:
         """Image files that looked incomplete and wait for partial_timeout (temp names are not counted)."""
@@ -448,3 +467,8 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
             return FileRead(None, None, None, ("unreadable", f"reading the file failed ({e.strerror}); check the "
                                                              "disk or share, then move it back into the inbox"), entry)
     return FileRead(data, hashlib.sha256(data).hexdigest(), len(data), None, entry)
+
+
+def _short(rel: str, keep: int = 120) -> str:
+    """A path for a message: a folder nested past PATH_MAX is thousands of characters long."""
+    return rel if len(rel) <= keep else f"{rel[:keep // 2]}...{rel[-keep // 2:]} ({len(rel)} characters)"

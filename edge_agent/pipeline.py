@@ -449,7 +449,7 @@ class Agent:
         if interrupted:
             log.warning("scan stopped on request; the files not screened yet stay in the inbox for the next scan")
             return 1
-        return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
+        return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed and not self.intake.unlisted else 1
 
     def _scan_pending(self) -> bool:
         """Files still without an outcome that this scan can still give one; the cheap in-flight count first

@@ -271,3 +271,87 @@ def test_backup_and_activation_into_the_inbox_are_refused(dirs, bundle_dir, tmp_
     assert list(dirs["inbox"].iterdir()) == []
     ok = cli("backup", "--db", str(dirs["db"]), "--to", str(tmp_path / "b.db"))
     assert ok.returncode == 0 and (tmp_path / "b.db").exists(), ok.stderr
+
+
+# --- entries the agent cannot reach -------------------------------------------------------------------------
+
+def _nest_past_path_max(top: Path, data: bytes) -> None:
+    """A file below 30 folders of 200 characters (a path of 6,000+ bytes, past PATH_MAX), made through fds."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(30):
+            os.mkdir("d" * 200, dir_fd=fd)
+            nfd = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        out = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def test_folders_the_agent_cannot_list_are_named_and_the_scan_is_incomplete(dirs, bundle_dir) -> None:
+    """Before: a folder nested past PATH_MAX (or one the agent may not read) gave a WARNING at every rescan and
+    `scan` exited 0 ("all done") with its images left without an outcome. Now `scan` names the folder and what
+    to do, and exits 1; `status` lists it while `run` works."""
+    shas = write_images(dirs["inbox"], distinct_images(2, seed=341))
+    _nest_past_path_max(dirs["inbox"], distinct_images(1, seed=342)[0])
+    r = cli("scan", *site_args(dirs, bundle_dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, (r.stdout, r.stderr)
+    assert "left in the inbox: ddd" in r.stdout and "nested deeper than the system's path limit" in r.stdout, r.stdout
+    assert "folder the agent cannot list" in r.stderr
+    assert_exactly_once(dirs, shas, inbox_empty=False)
+
+
+def test_unreadable_folder_and_file_as_an_unprivileged_agent(dirs, bundle_dir, tmp_path) -> None:
+    """A 000 folder and a 000 file, the agent running as nobody (root reads everything): the file is
+    quarantined `unreadable` with what to do, the folder is named as left in the inbox, exit 1."""
+    from faults import give_to_nobody, unprivileged_prefix
+
+    prefix = unprivileged_prefix()
+    if prefix is None:
+        pytest.skip("cannot run the agent as an unprivileged user here (no setpriv, or the venv is not readable)")
+    shas = write_images(dirs["inbox"], distinct_images(1, seed=343), prefix="ok")
+    (dirs["inbox"] / "locked").mkdir()
+    write_images(dirs["inbox"] / "locked", distinct_images(1, seed=344), prefix="hidden")
+    bad = write_images(dirs["inbox"], distinct_images(1, seed=345), prefix="nope")
+    bundle = tmp_path / "bundle-copy"
+    shutil.copytree(bundle_dir, bundle)
+    key = tmp_path / "key.pub"
+    shutil.copy(agent_env()["EDGE_AGENT_TRUSTED_KEYS"], key)
+    give_to_nobody(dirs["root"], bundle, key)
+    for p in (tmp_path, *tmp_path.parents):
+        if p != Path("/"):
+            os.chmod(p, os.stat(p).st_mode | 0o005)
+    os.chmod(dirs["inbox"] / "locked", 0)
+    os.chmod(dirs["inbox"] / "nope_0000.jpg", 0)
+    r = subprocess.run([*prefix, sys.executable, "-m", "edge_agent", "scan", *site_args(dirs, bundle)],
+                       env=agent_env(EDGE_AGENT_TRUSTED_KEYS=str(key)), capture_output=True, text=True, timeout=120,
+                       cwd="/")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "left in the inbox: locked/ (cannot list the folder: permission denied" in r.stdout, r.stdout
+    assert "quarantined nope_0000.jpg: cannot read the file (Permission denied)" in r.stdout, r.stdout
+    assert_exactly_once(dirs, {**shas, **bad}, bad=list(bad), inbox_empty=False)
+
+
+# --- signals ---------------------------------------------------------------------------------------------------
+
+def test_stray_signals_do_not_kill_the_daemon(dirs, bundle_dir, procs) -> None:
+    """Before: SIGUSR1, SIGUSR2 and SIGALRM (a logrotate or monitoring script) killed `run` on the spot (their
+    default action; exit by signal, systemd counts a failure). Now each is logged and ignored (USR1 with the
+    status line); SIGPIPE already was."""
+    shas = write_images(dirs["inbox"], distinct_images(3, seed=351))
+    a = start_run(dirs, bundle_dir, procs)
+    wait_for(lambda: len(outcome_rows(dirs["db"])) == 3, 60, "the images", proc=a)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE):
+        os.kill(a.pid, sig)
+        time.sleep(0.3)
+        assert a.alive(), (sig, a.log())
+    wait_for(lambda: "SIGALRM received and ignored" in a.log(), 30, "the log lines", proc=a)
+    assert "SIGUSR1 received and ignored" in a.log() and "screened 3" in a.log()
+    more = write_images(dirs["inbox"], distinct_images(2, seed=352), prefix="more")
+    wait_for(lambda: len(outcome_rows(dirs["db"])) == 5, 60, "images after the signals", proc=a)
+    a.term()
+    assert a.wait(60) == 0
+    assert_exactly_once(dirs, {**shas, **more})
