@@ -291,6 +291,10 @@ def scan(config_file: Path | None, **flags: Any) -> None:
     if any(not why.startswith("cannot list") for _, why, _ in left):
         click.echo(f"  files that look incomplete are quarantined once unchanged for {s.partial_timeout_seconds:g} s "
                    "(partial_timeout_seconds), as `run` does; run scan again after the copy has finished")
+    hidden = agent.intake.hidden if getattr(agent, "intake", None) is not None else []
+    if hidden:  # never screened by design (._* from macOS, .DS_Store, dot-named uploads): say so, once
+        click.echo(f"  left alone: {len(hidden)}{'+' if len(hidden) >= 1000 else ''} hidden file(s) (names starting "
+                   f"with a dot, e.g. {logsetup.printable(hidden[0])}); rename without the dot to screen them")
     if code == EXIT_INCOMPLETE:
         click.echo("edge-agent: some files in the inbox did not get an outcome (still being written, or in a "
                    "folder the agent cannot list: see \"left in the inbox\" above); run scan again", err=True)

@@ -95,6 +95,7 @@ class Intake:
         # cannot get an outcome; a scan says so (exit 1) and `status` lists them, instead of a warning at
         # every rescan and a scan that reported "all done".
         self.unlisted: dict[str, str] = {}
+        self.hidden: list[str] = []  # names starting with a dot, never touched: a scan names them (first few)
 
     # --- observing ---------------------------------------------------------
 
@@ -174,6 +175,7 @@ class Intake:
         seen: set[str] = set()
         images = 0
         errors: dict[str, str] = {}
+        hidden: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
                                                     onerror=lambda e: self._walk_error(e, errors)):
             here = Path(dirpath)
@@ -188,6 +190,8 @@ class Intake:
                     keep.append(d)
             dirnames[:] = keep
             for name in filenames:
+                if name.startswith(".") and len(hidden) < 1000 and (here / name).is_relative_to(self.inbox):
+                    hidden.append((here / name).relative_to(self.inbox).as_posix())
                 rel = self.rel_of(here / name)
                 if rel is None:
                     continue
@@ -199,6 +203,7 @@ class Intake:
                 log.warning("cannot list %s in the inbox: %s", _short(rel), why)
         self.unlisted = errors if under is None else {**self.unlisted, **errors}
         if under is None:
+            self.hidden = hidden
             with self._lock:
                 for rel in [r for r in self._settled if r not in seen]:
                     del self._settled[rel]

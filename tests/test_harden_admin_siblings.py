@@ -355,3 +355,66 @@ def test_stray_signals_do_not_kill_the_daemon(dirs, bundle_dir, procs) -> None:
     a.term()
     assert a.wait(60) == 0
     assert_exactly_once(dirs, {**shas, **more})
+
+
+# --- names -----------------------------------------------------------------------------------------------------
+
+def test_odd_names_each_get_one_outcome_and_hidden_ones_are_named(dirs, bundle_dir) -> None:
+    """Names with invalid UTF-8, only spaces, a leading dash, 255 bytes, case-only differences on one day: each
+    gets exactly one outcome (these already held). Dot names (`..jpg`, `._IMG.jpg` from macOS) are never
+    touched by design; before, `scan` did not mention them at all, now it says they were left alone."""
+    datas = distinct_images(7, seed=361)
+    names = [b"bad\xff\xfename.jpg", b"   ", b"-dash.jpg", b"a" * 251 + b".jpg", b"Case.jpg", b"case.jpg",
+             b"CASE.JPG"]
+    shas = {}
+    from faults import sha
+
+    from edge_agent.store import db_text, fs_path
+    for n, d in zip(names, datas):
+        with open(os.path.join(os.fsencode(dirs["inbox"]), n), "wb") as f:
+            f.write(d)
+        shas[db_text(os.fsdecode(n))] = sha(d)  # stored as text: undecodable bytes as \xNN
+    for hidden in ("..jpg", "._IMG.jpg"):
+        (dirs["inbox"] / hidden).write_bytes(datas[0])
+    r = cli("scan", *site_args(dirs, bundle_dir))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "left alone: 2 hidden file(s)" in r.stdout and "rename without the dot" in r.stdout, r.stdout
+    rows = outcome_rows(dirs["db"])
+    assert sorted(r["original_name"] for r in rows) == sorted(shas)  # one outcome each
+    for r in rows:  # stored paths are text in the database; fs_path gives back the real (byte) name
+        stored = Path(fs_path(r["stored_path"]))
+        assert r["table"] == "results" and r["file_state"] == "moved" and sha_file(stored) == shas[r["original_name"]]
+    assert sorted(p.name for p in dirs["inbox"].iterdir()) == sorted(["._IMG.jpg", "..jpg"])
+
+
+def test_a_too_large_file_is_hashed_only_up_to_its_size_when_opened(tmp_path) -> None:
+    """Before: a file above max_file_mb was hashed until EOF; one that keeps growing faster than it is read (here:
+    extended by 1 GiB every few ms, sparse) held a decode worker for ever. Now the read stops at the size seen at
+    the open: the file is refused `too_large_file` promptly."""
+    code = f"""
+import os, sys, threading
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+from edge_agent.intake import read_file
+inbox = Path({str(tmp_path)!r}) / "inbox"
+inbox.mkdir()
+p = inbox / "growing.jpg"
+p.write_bytes(b"\\xff\\xd8" + b"\\0" * (2 << 20))
+fd = os.open(p, os.O_WRONLY)
+stop = threading.Event()
+def grow():
+    size = os.fstat(fd).st_size
+    while not stop.is_set():
+        size += 1 << 30
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            return
+threading.Thread(target=grow, daemon=True).start()
+got = read_file(p, inbox, 1 << 20)
+stop.set()
+print(got.problem[0], got.size)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "too_large_file", r.stdout
