@@ -121,6 +121,7 @@ class Agent:
         self.quarantine = real_path(settings.quarantine_path)
         self.db_path = real_path(settings.db_path)
         self._locks: list[Lock] = []
+        self._pinned: Path | None = None  # the inbox pinned at start (fsafe.pin_root)
         self.counts = Counts()
         self.timing = StageTimes()  # busy seconds per stage (edge-agent bench)
         self.stopping = threading.Event()
@@ -529,7 +530,7 @@ class Agent:
             self._fatal = inbox_moved(self.inbox, what)
 
     def _release_locks(self) -> None:
-        if getattr(self, "_pinned", None) is not None:
+        if self._pinned is not None:
             fsafe.unpin_root(self._pinned)
             self._pinned = None
         while self._locks:
