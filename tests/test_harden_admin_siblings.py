@@ -418,3 +418,20 @@ print(got.problem[0], got.size)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "too_large_file", r.stdout
+
+
+def test_sigterm_at_any_point_of_the_start_up_loses_and_doubles_nothing(dirs, bundle_dir, procs) -> None:
+    """SIGTERM while the agent starts (imports, locks, model load, first decodes): it either dies before it
+    touched anything (killed by the signal, before its handler exists) or stops gracefully (exit 0); never a
+    traceback; the next scan gives every file exactly one outcome. (Held; kept as a guard.)"""
+    shas = write_images(dirs["inbox"], distinct_images(8, seed=371))
+    for delay in (0.2, 0.5, 0.8, 1.2, 1.6):
+        a = AgentProc("run", site_args(dirs, bundle_dir), dirs["root"] / f"run-{delay}.log", registry=procs)
+        time.sleep(delay)
+        a.term()
+        code = a.wait(60)
+        assert code in (0, -signal.SIGTERM), (delay, code, a.log())
+        assert "Traceback" not in a.log(), a.log()
+    r = cli("scan", *site_args(dirs, bundle_dir))
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(dirs, shas)
