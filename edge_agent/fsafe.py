@@ -56,6 +56,20 @@ SWAPPED_ERRNOS = {errno.ELOOP, errno.ENOTDIR}
 Ident = tuple[int, int]  # (st_dev, st_ino)
 
 
+class InboxError(OSError):
+    """Removing the inbox name failed (the inbox is read-only or not writable for the agent): the inbox's
+    fault, not the output folder's, so the agent must say so and wait for the inbox, not for processed/."""
+
+
+def _unlink_inbox_name(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise InboxError(e.errno, e.strerror, name) from None
+        raise
+
+
 class Escaped(OSError):
     """A folder on the way to the file is not a real folder any more (a symlink was swapped in)."""
 
@@ -293,7 +307,7 @@ def copy_noreplace(src_fd: int, src: str, dst_fd: int, dst: str, sha256: str | N
             os.unlink(tmp, dir_fd=dst_fd)
         raise
     fsync_dir(dst_fd)  # the copy's name is durable before the only other copy loses its name
-    os.unlink(src, dir_fd=src_fd)
+    _unlink_inbox_name(src, src_fd)
 
 
 @contextmanager
@@ -487,4 +501,4 @@ def delete_file(src: Source) -> None:
     """Remove the inbox name (only that name: other hard links keep the content)."""
     with parent_fd(src.root, src.rel) as (fd, name):
         _check_same(src, fd, name)
-        os.unlink(name, dir_fd=fd)
+        _unlink_inbox_name(name, fd)

@@ -435,3 +435,32 @@ def test_sigterm_at_any_point_of_the_start_up_loses_and_doubles_nothing(dirs, bu
     r = cli("scan", *site_args(dirs, bundle_dir))
     assert r.returncode == 0, r.stderr
     assert_exactly_once(dirs, shas)
+
+
+@root_only
+def test_read_only_inbox_is_named_as_the_cause_and_resumes(dirs, bundle_dir, procs, tmp_path) -> None:
+    """The inbox on a mount that becomes read-only (a USB stick remounted ro after an error) under `run`.
+    Before: "cannot move files out of the inbox into processed/...: Read-only file system", the probe of
+    processed/ succeeded and the agent flapped between "paused" and "writable again" every 2 s. Now the
+    inbox is named as the cause, once, and the agent resumes when the inbox is writable again; nothing lost or
+    doubled."""
+    real_inbox = tmp_path / "inbox-real"
+    real_inbox.mkdir()
+    subprocess.run(["mount", "--bind", str(real_inbox), str(dirs["inbox"])], check=True)
+    try:
+        first = write_images(dirs["inbox"], distinct_images(2, seed=381), prefix="first")
+        a = start_run(dirs, bundle_dir, procs)
+        wait_for(lambda: len(outcome_rows(dirs["db"])) == 2, 60, "the first images", proc=a)
+        later = write_images(dirs["inbox"], distinct_images(3, seed=382), prefix="later")
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dirs["inbox"])], check=True)
+        wait_for(lambda: "cannot remove files from the inbox" in a.log(), 60, "the read-only inbox", proc=a)
+        time.sleep(5)  # several probe periods: the message must not flap
+        log = a.log()
+        assert log.count("cannot remove files from the inbox") == 1 and "writable again; resuming" not in log, log
+        subprocess.run(["mount", "-o", "remount,rw,bind", str(dirs["inbox"])], check=True)
+        wait_for(lambda: not list(dirs["inbox"].iterdir()), 60, "the files to leave the inbox", proc=a)
+        a.term()
+        assert a.wait(60) == 0
+        assert_exactly_once(dirs, {**first, **later})
+    finally:
+        subprocess.run(["umount", "-l", str(dirs["inbox"])], check=False)
