@@ -38,6 +38,8 @@ from . import log as logsetup
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
+from .output import OutputGroup, require_stdout
+from .paths import refuse_inside_inbox
 from .query import FORMATS, LIST_SORTS, SORTS
 from .store import StoreError, connect
 
@@ -141,13 +143,26 @@ def _not_ours(path: Path, e: Exception) -> NoReturn:
     _fail(f"{path} is not an edge-agent results database ({e}); pass the --db the agent writes to")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=OutputGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="edge-agent")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Offline dermoscopy screening agent. Decision support for clinicians, not a diagnosis."""
+    require_stdout(ctx.invoked_subcommand)  # output.py: a report with nowhere to print fails, says so
 
 
 # --- run ---------------------------------------------------------------------------------
+
+def _ignore_stray_signals(status: Callable[[], str], how: str) -> dict[int, Any]:
+    """SIGUSR1/SIGUSR2/SIGALRM used to kill `run`/`scan` on the spot (their default action), e.g. a logrotate
+    or monitoring script's `kill -USR1`: now a log line (USR1 also says how the agent is doing). Returns the
+    previous handlers."""
+    def on_stray(signum: int, frame: Any) -> None:
+        log.warning("%s received and ignored (%s)%s", signal.Signals(signum).name, how,
+                    f": {status()}" if signum == signal.SIGUSR1 else "")
+
+    return {sig: signal.signal(sig, on_stray) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)}
+
 
 @main.command()
 @_settings_options
@@ -183,6 +198,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    previous.update(_ignore_stray_signals(agent.status_line, "SIGTERM stops the agent, SIGHUP reloads it"))
     try:
         code = agent.run(stop)
     except (ConfigError, BundleError, StoreError, Busy) as e:
@@ -236,6 +252,7 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous.update(_ignore_stray_signals(agent.status_line, "SIGTERM or Ctrl-C stops the scan"))
     t0 = time.monotonic()
     try:
         code = agent.scan(progress=lambda n: bar.update(n) if bar else None, on_total=on_total, stop=stop)
@@ -263,17 +280,24 @@ def scan(config_file: Path | None, **flags: Any) -> None:
         click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent quarantine`)")
     left = agent.left_in_inbox()
     for rel, why, age in left[:20]:
+        if why.startswith("cannot list"):  # a folder the agent cannot enter (intake.unlisted)
+            click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({why})")
+            continue
         what = "temporary upload name, waits for its rename" if why == "temporary name" else \
             f"{why}: possibly still being copied"
         click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({what}; changed {age:.0f} s ago)")
     if len(left) > 20:
         click.echo(f"  ... and {len(left) - 20} more left in the inbox (see `edge-agent status`)")
-    if left:
+    if any(not why.startswith("cannot list") for _, why, _ in left):
         click.echo(f"  files that look incomplete are quarantined once unchanged for {s.partial_timeout_seconds:g} s "
                    "(partial_timeout_seconds), as `run` does; run scan again after the copy has finished")
+    hidden = agent.intake.hidden if getattr(agent, "intake", None) is not None else []
+    if hidden:  # never screened by design (._* from macOS, .DS_Store, dot-named uploads): say so, once
+        click.echo(f"  left alone: {len(hidden)}{'+' if len(hidden) >= 1000 else ''} hidden file(s) (names starting "
+                   f"with a dot, e.g. {logsetup.printable(hidden[0])}); rename without the dot to screen them")
     if code == EXIT_INCOMPLETE:
-        click.echo("edge-agent: some files in the inbox did not get an outcome (still being written?); run scan "
-                   "again", err=True)
+        click.echo("edge-agent: some files in the inbox did not get an outcome (still being written, or in a "
+                   "folder the agent cannot list: see \"left in the inbox\" above); run scan again", err=True)
     sys.exit(code)
 
 
@@ -554,6 +578,10 @@ def backup(to: Path, keep: int, db: Path | None, config_file: Path | None) -> No
     from .backup import BackupError, backup as run_backup
 
     s = _load({"db": db}, config_file)
+    try:
+        refuse_inside_inbox("the backup --to", to, s, s.db_path)
+    except ConfigError as e:
+        _fail(str(e))
     try:
         r = run_backup(s.db_path, to, keep)
     except (BackupError, StoreError) as e:
@@ -863,6 +891,8 @@ def _swap(action: str, config_file: Path | None, flags: dict[str, Any], reload_:
     s = _load(flags, config_file)
     ptr = modelswap.pointer_path(s.db_path)
     try:
+        if bundle is not None:
+            refuse_inside_inbox("the bundle", bundle, s, s.db_path)
         saved = modelswap.read_pointer(ptr) if ptr.exists() else None
         cand, _ = modelswap.activate(s, bundle) if bundle is not None else modelswap.rollback(s)
     except (modelswap.SwapRejected, ConfigError, StoreError) as e:

@@ -31,7 +31,8 @@ from typing import Any
 from .cleanup import EmptyFolders
 from .config import Settings
 from .decode import Decoded
-from .fsafe import Dest, Escaped, Ident, Replaced, Source, delete_file, lstat_beneath, move_file, open_beneath
+from .fsafe import (Dest, Escaped, Ident, InboxError, Replaced, RootMoved, Source, delete_file, lstat_beneath, move_file,
+                    open_beneath)
 from .fsafe import ident as ident_of
 from .intake import Candidate, Intake
 from .share import Share
@@ -168,6 +169,7 @@ class Committer:
         self.out_problem: str | None = None  # files cannot leave the inbox (output disk full or read-only)
         self._unmoved: list[Path] = []  # committed but not moved because of out_problem; moved once it clears
         self._probe_dirs: set[Path] = set()
+        self._probe_inbox: set[Path] = set()  # inbox folders that refused to let go of a name (InboxError)
         self._next_probe = 0.0
         self._gave_up = False
         self.fatal: str | None = None
@@ -475,9 +477,9 @@ class Committer:
                     delete_file(src)
                 except FileNotFoundError:
                     pass
-                except Escaped:
-                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
-                                "the inbox and nothing outside it is deleted", src_path)
+                except Escaped as e:
+                    log.warning("%s: %s; the file is no longer in the inbox and nothing outside it is deleted",
+                                src_path, _escaped_why(e))
                     return o.table, o.row_id, "missing", None
                 except Replaced:
                     return self._was_replaced(o)
@@ -494,8 +496,8 @@ class Committer:
                                  private=o.table == "quarantine", share=self.share)
             except (FileNotFoundError, Escaped) as e:
                 if isinstance(e, Escaped):
-                    log.warning("%s: a folder on its way was replaced by a symbolic link; the file is no longer in "
-                                "the inbox and nothing outside it is touched", src_path)
+                    log.warning("%s: %s; the file is no longer in the inbox and nothing outside it is touched",
+                                src_path, _escaped_why(e))
                 return o.table, o.row_id, ("moved" if os.path.lexists(o.dest) else "missing"), None
             except Replaced:
                 return self._was_replaced(o)
@@ -505,6 +507,20 @@ class Committer:
             return o.table, o.row_id, "moved", (None if went == o.dest else str(went))
         except OSError as e:
             where = o.dest.parent if o.dest is not None else src_path.parent
+            if isinstance(e, InboxError):  # the copy is stored; the inbox refused to let go of the name
+                where = src_path.parent
+                problem = (f"cannot remove files from the inbox {where}: {e.strerror or e} (a read-only mount, or "
+                           "no write permission for the agent); intake paused until the inbox is writable again: "
+                           "remount it read-write or give the agent's user write access to it")
+                if self.out_problem != problem:
+                    log.error("%s", problem)
+                    self.queue.put(("event", "paused", problem))
+                    self.queue.put(("state", {"paused": problem}))
+                self.out_problem = problem
+                self._probe_inbox.add(where)
+                self._next_probe = time.monotonic() + PROBE_SECONDS
+                self._unmoved.append(src_path)
+                return None
             if e.errno in OUTPUT_ERRNOS:
                 # The output disk is full or read-only (or not writable for us): every other file would fail
                 # the same way. Stop taking files, keep this one in the inbox (its row says 'pending'), and
@@ -564,6 +580,14 @@ class Committer:
     def _probe_outputs(self) -> None:
         """While moves fail for lack of space or write access: try a small write; resume when it works."""
         self._next_probe = time.monotonic() + PROBE_SECONDS
+        for d in list(self._probe_inbox):  # nothing is written into the inbox: ask the kernel instead
+            try:
+                writable = os.access(d, os.W_OK) and not os.statvfs(d).f_flag & os.ST_RDONLY
+            except OSError:
+                writable = False
+            if not writable:
+                log.debug("inbox folder %s still not writable", d)
+                return
         for d in list(self._probe_dirs):
             while not d.is_dir() and d.parent != d:
                 d = d.parent  # probe where the move would create its folder, without creating it (modes)
@@ -578,11 +602,12 @@ class Committer:
             except OSError as e:
                 log.debug("output folder %s still not writable: %s", d, e)
                 return
-        log.warning("the output folders are writable again; resuming intake and moving the %d file(s) that "
-                    "were screened meanwhile", len(self._unmoved))
+        log.warning("the inbox and the output folders are writable again; resuming intake and moving the %d "
+                    "file(s) that were screened meanwhile", len(self._unmoved))
         self.queue.put(("event", "resumed", self.out_problem or ""))
         self.out_problem = None
         self._probe_dirs.clear()
+        self._probe_inbox.clear()
         unmoved, self._unmoved = self._unmoved, []
         for p in unmoved:
             self.intake.observe(p, confirmed=True)  # recognized by path and hash: only the move is owed
@@ -601,3 +626,9 @@ def _tag(job: Job) -> str:
     if job.sha256:
         return job.sha256
     return hashlib.sha256(job.cand.rel.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _escaped_why(e: OSError) -> str:
+    if isinstance(e, RootMoved):
+        return e.strerror or "the inbox folder itself was replaced"
+    return "a folder on its way was replaced by a symbolic link"

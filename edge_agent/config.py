@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import MISSING as _MISSING, dataclass, field, fields, replace
@@ -309,14 +310,43 @@ def _parse_thresholds(value: Any) -> dict[str, float]:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few hundred bytes; anything near this is not one
+
+
 def read_toml(path: Path) -> dict[str, Any]:
-    """Settings from a TOML file: top-level keys, or an [edge_agent] table (so it can share a file)."""
+    """Settings from a TOML file: top-level keys, or an [edge_agent] table (so it can share a file).
+
+    Opened without blocking and checked before parsing: a pipe or a device
+    given as the config file would hang the start or never end, a huge file
+    would be parsed into memory; neither is a settings file.
+    """
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist: fix --config / EDGE_AGENT_CONFIG or create it") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check the path and that the agent's "
+                          "user may read it") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"config file {path} is a folder; pass the settings file itself, e.g. "
+                              f"{Path(path) / 'config.toml'}")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"config file {path} is not a regular file (a pipe, socket or device); pass a TOML "
+                              "settings file")
+        with open(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a settings file; "
+                          "check --config / EDGE_AGENT_CONFIG")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
         raise ConfigError(f"config file {path} cannot be read as TOML ({e}); fix the syntax") from None
     table = data.get("edge_agent", data)
     if not isinstance(table, dict):
@@ -336,6 +366,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             if k not in FIELDS:
                 raise ConfigError(f"unknown setting {k!r} in {cfg_path}; known settings: {', '.join(FIELDS)}")
             values[k] = _coerce(k, v, f"config file {cfg_path}")
+            _absolute_in_file(k, values[k], cfg_path)
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in ENV_NAMES)
     if unknown:
         raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: a "
@@ -351,6 +382,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
         values[k] = _coerce(k, v, "command line")
     settings = replace(Settings(), **values)
     validate(settings)
+    if cfg_path is not None:
+        from .paths import check_config_file
+
+        check_config_file(cfg_path, settings)
     return settings
 
 
@@ -394,3 +429,13 @@ def validate(s: Settings) -> None:
     from .paths import check_layout  # real paths: output folders, database and bundle outside the inbox
 
     check_layout(s)
+
+
+def _absolute_in_file(name: str, value: Any, cfg_path: Path) -> None:
+    """A relative path in the settings file would depend on the folder the agent happens to start in (/ under
+    systemd, the shell's folder by hand): the same file would mean two places. Refused, with the fix."""
+    for p in value if isinstance(value, tuple) else (value,):
+        if isinstance(p, Path) and not p.is_absolute():
+            raise ConfigError(f"{name} = {str(p)!r} in config file {cfg_path} is a relative path: it would depend on "
+                              "the folder the agent is started from (/ under systemd); write the absolute path, "
+                              f"e.g. {os.path.abspath(p)}")

@@ -557,8 +557,12 @@ def main(config_json: str) -> None:
             return
         if journal_fd >= 0:
             entry = (json.dumps({"sha256": meta.get("sha256", ""), "name": meta.get("name", "")}) + "\n").encode()
-            os.pwrite(journal_fd, entry, 0)
-            os.ftruncate(journal_fd, len(entry))
+            try:
+                os.pwrite(journal_fd, entry, 0)
+                os.ftruncate(journal_fd, len(entry))
+            except OSError:  # the database's disk is full or read-only: the agent's fault, never the file's
+                with contextlib.suppress(OSError):  # (dying here made every image a `crashed_decoder`); this
+                    os.ftruncate(journal_fd, 0)     # one decode goes without its poison-pill journal entry
         reply: dict[str, Any]
         tensor = None
         cpu.arm()

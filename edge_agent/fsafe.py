@@ -22,6 +22,14 @@ inbox name is removed; `after = "delete"` removes only the inbox name, never
 the other names or their content. The agent relies on the kernel's
 fs.protected_hardlinks (on by default) to stop a user from linking a file
 they cannot read themselves into the inbox.
+
+Roots: the inbox folder itself is pinned at start (pin_root): every open of it
+checks that the path still names the folder the agent started with. An inbox
+renamed away, deleted and created again, or replaced by a symbolic link while
+the agent runs would otherwise be reopened by path at the next operation and
+the agent would read, record and move files from wherever the path now leads.
+A pinned root that changed raises RootMoved (an Escaped: the file is treated
+as gone from the inbox, never touched) and the agent stops (root_change).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import errno
 import hashlib
 import os
 import stat as st
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,12 +56,91 @@ SWAPPED_ERRNOS = {errno.ELOOP, errno.ENOTDIR}
 Ident = tuple[int, int]  # (st_dev, st_ino)
 
 
+class InboxError(OSError):
+    """Removing the inbox name failed (the inbox is read-only or not writable for the agent): the inbox's
+    fault, not the output folder's, so the agent must say so and wait for the inbox, not for processed/."""
+
+
+def _unlink_inbox_name(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise InboxError(e.errno, e.strerror, name) from None
+        raise
+
+
 class Escaped(OSError):
     """A folder on the way to the file is not a real folder any more (a symlink was swapped in)."""
 
 
 def ident(s: os.stat_result) -> Ident:
     return (s.st_dev, s.st_ino)
+
+
+class RootMoved(Escaped):
+    """The pinned root folder (the inbox) is no longer the folder at its path (renamed, deleted, replaced)."""
+
+
+_pins: dict[str, Ident] = {}
+_pins_lock = threading.Lock()
+
+
+def pin_root(root: Path, fd: int | None = None) -> None:
+    """Remember which folder `root` names now (from fd when given: the folder the agent locked)."""
+    s = os.fstat(fd) if fd is not None else os.stat(root)
+    with _pins_lock:
+        _pins[os.fspath(root)] = ident(s)
+
+
+def unpin_root(root: Path) -> None:
+    with _pins_lock:
+        _pins.pop(os.fspath(root), None)
+
+
+def root_change(root: Path) -> str | None:
+    """What happened to a pinned root since it was pinned, in words; None if it is still the same folder
+    (or is not pinned)."""
+    with _pins_lock:
+        want = _pins.get(os.fspath(root))
+    if want is None:
+        return None
+    try:
+        ls = os.lstat(root)
+    except FileNotFoundError:
+        return "deleted or renamed away"
+    except OSError as e:
+        return f"made unreachable ({e.strerror})"
+    if st.S_ISLNK(ls.st_mode):
+        try:
+            to = os.readlink(root)
+        except OSError:
+            to = "?"
+        return f"replaced by a symbolic link (to {to})"
+    try:
+        s = os.stat(root)  # a folder on the way to the root may have been swapped: compare what the path reaches
+    except OSError as e:
+        return f"made unreachable ({e.strerror})"
+    if ident(s) != want:
+        return ("replaced by another folder (deleted and created again, renamed, or a folder on its path "
+                "swapped)") if st.S_ISDIR(s.st_mode) else "replaced by a file that is not a folder"
+    return None
+
+
+def open_root(root: Path) -> int:
+    """An O_DIRECTORY fd for root; for a pinned root, only if it is still the folder that was pinned."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        if root_change(root) is not None:  # the pinned inbox itself is gone: the file left the inbox
+            raise RootMoved(errno.ENOTDIR, f"the inbox {root} is no longer there", str(root)) from None
+        raise
+    with _pins_lock:
+        want = _pins.get(os.fspath(root))
+    if want is not None and ident(os.fstat(fd)) != want:
+        os.close(fd)
+        raise RootMoved(errno.ENOTDIR, f"the inbox {root} is no longer the folder the agent started with", str(root))
+    return fd
 
 
 def _parts(rel: str | PurePosixPath) -> tuple[str, ...]:
@@ -102,7 +190,7 @@ def walk_dirs(root_fd: int, parts: tuple[str, ...] | list[str], create: bool = F
 def parent_fd(root: Path, rel: str | PurePosixPath, create: bool = False, mode: int = 0o777) -> Iterator[tuple[int, str]]:
     """(fd of the folder holding root/rel, last name), reached without following symlinks below root."""
     parts = _parts(rel)
-    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    rfd = open_root(root)
     try:
         fd = walk_dirs(rfd, parts[:-1], create, mode)
     finally:
@@ -219,7 +307,7 @@ def copy_noreplace(src_fd: int, src: str, dst_fd: int, dst: str, sha256: str | N
             os.unlink(tmp, dir_fd=dst_fd)
         raise
     fsync_dir(dst_fd)  # the copy's name is durable before the only other copy loses its name
-    os.unlink(src, dir_fd=src_fd)
+    _unlink_inbox_name(src, src_fd)
 
 
 @contextmanager
@@ -413,4 +501,4 @@ def delete_file(src: Source) -> None:
     """Remove the inbox name (only that name: other hard links keep the content)."""
     with parent_fd(src.root, src.rel) as (fd, name):
         _check_same(src, fd, name)
-        os.unlink(name, dir_fd=fd)
+        _unlink_inbox_name(name, fd)

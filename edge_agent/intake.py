@@ -91,6 +91,11 @@ class Intake:
         self._inflight: dict[str, Candidate] = {}
         self._settled: dict[str, StatKey] = {}
         self.overflowed = False
+        # Folders the walk could not enter (no permission, nested past PATH_MAX): rel -> why. Their files
+        # cannot get an outcome; a scan says so (exit 1) and `status` lists them, instead of a warning at
+        # every rescan and a scan that reported "all done".
+        self.unlisted: dict[str, str] = {}
+        self.hidden: list[str] = []  # names starting with a dot, never touched: a scan names them (first few)
 
     # --- observing ---------------------------------------------------------
 
@@ -165,9 +170,14 @@ class Intake:
         the inbox, so its files are complete.
         """
         root = Path(os.path.abspath(under)) if under else self.inbox
+        if fsafe.root_change(self.inbox) is not None:
+            return 0  # the inbox was swapped under the agent: list nothing from wherever its path leads now
         seen: set[str] = set()
         images = 0
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=self._walk_error):
+        errors: dict[str, str] = {}
+        hidden: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
+                                                    onerror=lambda e: self._walk_error(e, errors)):
             here = Path(dirpath)
             keep = []
             for d in dirnames:
@@ -180,13 +190,20 @@ class Intake:
                     keep.append(d)
             dirnames[:] = keep
             for name in filenames:
+                if name.startswith(".") and len(hidden) < 1000 and (here / name).is_relative_to(self.inbox):
+                    hidden.append((here / name).relative_to(self.inbox).as_posix())
                 rel = self.rel_of(here / name)
                 if rel is None:
                     continue
                 seen.add(rel)
                 self.observe(here / name, confirmed=confirmed, initial=initial)
                 images += name_kind(name) == "image"
+        for rel, why in errors.items():
+            if rel not in self.unlisted:
+                log.warning("cannot list %s in the inbox: %s", _short(rel), why)
+        self.unlisted = errors if under is None else {**self.unlisted, **errors}
         if under is None:
+            self.hidden = hidden
             with self._lock:
                 for rel in [r for r in self._settled if r not in seen]:
                     del self._settled[rel]
@@ -196,9 +213,18 @@ class Intake:
                     self.overflowed = False
         return images
 
-    @staticmethod
-    def _walk_error(e: OSError) -> None:
-        log.warning("cannot list %s (%s); check the agent's permissions on the inbox", e.filename, e.strerror)
+    def _walk_error(self, e: OSError, errors: dict[str, str]) -> None:
+        path = Path(os.fspath(e.filename)) if e.filename else self.inbox
+        rel = path.relative_to(self.inbox).as_posix() if path.is_relative_to(self.inbox) else str(path)
+        if e.errno == errno.ENAMETOOLONG:
+            why = ("cannot list the folder: it is nested deeper than the system's path limit (4096 bytes); move "
+                   "its images to a shallower folder of the inbox")
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            why = ("cannot list the folder: permission denied; give the agent's user read and execute access to "
+                   "it (chmod/chgrp), or move its images out")
+        else:
+            why = f"cannot list the folder ({e.strerror}); check the disk and the agent's permissions on it"
+        errors[rel] = why
 
     # --- readiness ---------------------------------------------------------------
 
@@ -314,7 +340,7 @@ class Intake:
             out = [(rel, t.note or "looks incomplete" if t.deferred else "temporary name", now - t.last_change)
                    for rel, t in self._tracks.items()
                    if not t.ready and rel not in self._inflight and (t.deferred or t.kind == "temp")]
-        return sorted(out, key=lambda x: -x[2])
+        return [(_short(rel) + "/", why, 0.0) for rel, why in self.unlisted.items()] + sorted(out, key=lambda x: -x[2])
 
     def deferred(self) -> int:
         """Image files that looked incomplete and wait for partial_timeout (temp names are not counted)."""
@@ -431,9 +457,13 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
             entry = fsafe.ident(fs)  # replaced between the lstat and the open: what was read is what counts
         try:
             if fs.st_size > max_bytes:
+                # Hashed up to the size seen at the open: a file that keeps growing (a writer that never stops)
+                # used to be read until it stopped, i.e. for ever, holding a worker.
                 h = hashlib.sha256()
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                left = fs.st_size
+                while left > 0 and (chunk := f.read(min(1 << 20, left))):
                     h.update(chunk)
+                    left -= len(chunk)
                 return FileRead(None, h.hexdigest(), fs.st_size, (
                     "too_large_file", f"file is {fs.st_size / 2**20:.1f} MiB, above max_file_mb "
                                       f"{max_bytes / 2**20:g}; send a smaller export or raise max_file_mb"), entry)
@@ -442,3 +472,8 @@ def read_file(path: Path, inbox_real: Path, max_bytes: int) -> FileRead:
             return FileRead(None, None, None, ("unreadable", f"reading the file failed ({e.strerror}); check the "
                                                              "disk or share, then move it back into the inbox"), entry)
     return FileRead(data, hashlib.sha256(data).hexdigest(), len(data), None, entry)
+
+
+def _short(rel: str, keep: int = 120) -> str:
+    """A path for a message: a folder nested past PATH_MAX is thousands of characters long."""
+    return rel if len(rel) <= keep else f"{rel[:keep // 2]}...{rel[-keep // 2:]} ({len(rel)} characters)"

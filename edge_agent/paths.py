@@ -52,12 +52,35 @@ def check_layout(s: Settings) -> None:
         ("processed_dir", real(s.processed_path)), ("quarantine_dir", real(s.quarantine_path)),
         ("db", real(s.db) if s.db is not None else None), ("model", real(s.model) if s.model is not None else None),
         ("metrics_file", real(s.metrics_file) if getattr(s, "metrics_file", None) is not None else None)]
+    own += [("trusted_keys", real(k)) for k in getattr(s, "trusted_keys", ())]
+    if getattr(s, "calibration", None) is not None:
+        own.append(("calibration", real(s.calibration)))
     for name, p in own:
         if p is not None and inside(p, inbox):
             what = {"db": "the database (the agent would screen and move its own database files)",
-                    "model": "the model bundle (the agent would screen and move its own model)"}.get(
+                    "model": "the model bundle (the agent would screen and move its own model)",
+                    "trusted_keys": "a key the agent trusts (it would be quarantined as not an image, and anyone "
+                                    "who may drop files in the inbox could replace it)",
+                    "calibration": "the site calibration (the agent would screen and move it away)"}.get(
                 name, "an output folder (its files would be screened again at every rescan)")
             raise ConfigError(f"{name} {p} is inside the inbox {inbox}: that is {what}; put it outside the inbox")
+    processed, quarantine = real(s.processed_path), real(s.quarantine_path)
+    if inside(processed, quarantine) or inside(quarantine, processed):
+        raise ConfigError(f"processed_dir {processed} and quarantine_dir {quarantine} are the same folder or one is "
+                          "inside the other: screened images and refused files would mix (retention, `results` and "
+                          "`quarantine` would act on the wrong files); give them two separate folders")
+
+
+def check_config_file(config: Path, s: Settings) -> None:
+    """The settings file may not live in the inbox: the agent would quarantine it as not an image (and
+    whoever may drop files in the inbox could rewrite the agent's settings)."""
+    if s.inbox is None:
+        return
+    c, inbox = real(config), real(s.inbox)
+    if inside(c, inbox):
+        raise ConfigError(f"config file {c} is inside the inbox {inbox}: the agent would screen and move its own "
+                          "settings, and anyone who may drop files in the inbox could change them; move it "
+                          "outside the inbox (e.g. /etc/edge-agent/config.toml)")
 
 
 def resolve(s: Settings) -> SitePaths:
@@ -72,3 +95,35 @@ def resolve(s: Settings) -> SitePaths:
         raise ConfigError(f"--db {db} is a folder; pass the database file's path, e.g. {Path(db) / 'results.db'}")
     return SitePaths(inbox=real(inbox), db=dbr, model=real(s.model_path), processed=real(s.processed_path),
                      quarantine=real(s.quarantine_path))
+
+
+def known_inboxes(s: Settings, db: Path | None = None) -> list[Path]:
+    """Every inbox this database is screened from, as real paths: the configured one (flags, environment,
+    config file) and the one the agent last recorded in the database (agent_state), for commands such as
+    `backup` and `model activate` that are given only --db."""
+    found = [real(s.inbox)] if s.inbox is not None else []
+    db = db if db is not None else s.db
+    if db is not None and os.path.isfile(db):
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(f"file:{real(db)}?mode=ro", uri=True, timeout=5)
+            try:
+                row = conn.execute("SELECT value FROM agent_state WHERE key = 'inbox'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            row = None
+        if row and row[0]:
+            found.append(real(Path(row[0])))
+    return found
+
+
+def refuse_inside_inbox(what: str, p: Path, s: Settings, db: Path | None = None) -> None:
+    """ConfigError when p (a backup, a bundle to activate) is inside an inbox of this agent: the agent would
+    screen it as an image, quarantine it and move it away (a bundle from under the running model)."""
+    target = real(p)
+    for inbox in known_inboxes(s, db):
+        if inside(target, inbox):
+            raise ConfigError(f"{what} {target} is inside the inbox {inbox}: the agent would screen it, refuse it "
+                              "as not an image and move it into quarantine; put it outside the inbox")

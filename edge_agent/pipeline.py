@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fsafe
 from .bundle import Bundle, BundleError, load_bundle
 from .commit import STOP, STOP_RETRY_SECONDS, Claims, Committer, Job, Outcome, StageTimes
 from .config import ConfigError, Settings
@@ -120,6 +121,7 @@ class Agent:
         self.quarantine = real_path(settings.quarantine_path)
         self.db_path = real_path(settings.db_path)
         self._locks: list[Lock] = []
+        self._pinned: Path | None = None  # the inbox pinned at start (fsafe.pin_root)
         self.counts = Counts()
         self.timing = StageTimes()  # busy seconds per stage (edge-agent bench)
         self.stopping = threading.Event()
@@ -203,7 +205,12 @@ class Agent:
                               "create it or choose another --db") from None
         # One agent per database and per inbox, decided before anything is read or written (locks.py).
         self._locks.append(lock_database(site.db))
-        self._locks.append(lock_inbox(site.inbox))
+        inbox_lock = lock_inbox(site.inbox)
+        self._locks.append(inbox_lock)
+        # The inbox folder itself is pinned: renamed, deleted or replaced by a link while we run, it is never
+        # reopened by path (fsafe.open_root) and the loops stop the agent (_check_inbox).
+        fsafe.pin_root(site.inbox, inbox_lock.fd)
+        self._pinned = site.inbox
         limit_malloc_arenas()
         self._prepare_dirs()
         from .modelswap import initial_model
@@ -370,6 +377,7 @@ class Agent:
                         self._fatal = gone
                     next_disk = now + (PAUSED_DISK_SECONDS if self.paused or self.db_error else DISK_SECONDS)
                 if now >= next_poll:  # re-stats files still settling: costs O(files), so not at every wake
+                    self._check_inbox()
                     self.intake.poll()
                     next_poll = now + TICK_SECONDS
                 self._dispatch()
@@ -422,6 +430,7 @@ class Agent:
                     self.intake.scan(initial=True)  # more files than paths held: take the next share
                 now = time.monotonic()
                 if now >= next_poll:  # re-stats files still settling: costs O(files), so not at every wake
+                    self._check_inbox()
                     self.intake.poll()
                     next_poll = now + TICK_SECONDS
                 self._dispatch()
@@ -442,7 +451,7 @@ class Agent:
         if interrupted:
             log.warning("scan stopped on request; the files not screened yet stay in the inbox for the next scan")
             return 1
-        return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed else 1
+        return 0 if self.intake.outstanding() == 0 and not self.intake.overflowed and not self.intake.unlisted else 1
 
     def _scan_pending(self) -> bool:
         """Files still without an outcome that this scan can still give one; the cheap in-flight count first
@@ -515,7 +524,16 @@ class Agent:
             self.store.close()
         self._release_locks()
 
+    def _check_inbox(self) -> None:
+        """Stop (exit 3, files stay) when the inbox folder is no longer the one the agent started with."""
+        what = fsafe.root_change(self.inbox)
+        if what is not None and self._fatal is None:
+            self._fatal = inbox_moved(self.inbox, what)
+
     def _release_locks(self) -> None:
+        if self._pinned is not None:
+            fsafe.unpin_root(self._pinned)
+            self._pinned = None
         while self._locks:
             self._locks.pop().release()
 
@@ -547,6 +565,13 @@ class Agent:
             # the monitoring figures (metrics.py), so that `status --format json` carries what the textfile does
             "metrics": json.dumps(self.metrics.snapshot()) if self.metrics is not None else "",
         }))
+
+    def status_line(self) -> str:
+        """One line on how the agent is doing (SIGUSR1); "starting" before the model is loaded."""
+        try:
+            return self._status_line()
+        except Exception:  # called from a signal handler at any moment: never fail there
+            return "starting"
 
     def _status_line(self) -> str:
         c = self.counts
@@ -753,6 +778,12 @@ class Agent:
             self.on_outcome(o)
 
 
+
+
+def inbox_moved(inbox: Path, what: str) -> str:
+    return (f"the inbox {inbox} was {what} while the agent was screening it: screening stopped so that no file "
+            "outside the inbox is read, recorded or moved (files not screened yet stay where they are, nothing was "
+            f"deleted); put the inbox folder back at {inbox} or fix the inbox setting, then start the agent again")
 
 
 def _database_fault(e: BaseException) -> bool:

@@ -174,8 +174,17 @@ def query_results(conn: sqlite3.Connection, flagged: bool = False, since: str | 
     sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + _RESULT_ORDER[sort]
     if limit:
         sql += " LIMIT ?"
-        params.append(int(limit))
+        params.append(sql_limit(limit))
     return [dict(r) for r in conn.execute(sql, params)]
+
+
+SQL_MAX_INT = 2**63 - 1
+
+
+def sql_limit(limit: int) -> int:
+    """--limit as SQLite can bind it: any N beyond a 64-bit integer already means "all rows" (binding it raised
+    OverflowError, a traceback for `--limit 99999999999999999999`)."""
+    return min(int(limit), SQL_MAX_INT)
 
 
 def query_quarantine(conn: sqlite3.Connection, since: str | None = None, limit: int | None = None,
@@ -185,7 +194,7 @@ def query_quarantine(conn: sqlite3.Connection, since: str | None = None, limit: 
     params: list[Any] = [since] if since else []
     if limit:
         sql += " LIMIT ?"
-        params.append(int(limit))
+        params.append(sql_limit(limit))
     return [dict(r) for r in conn.execute(sql, params)]
 
 
@@ -198,7 +207,7 @@ def query_duplicates(conn: sqlite3.Connection, since: str | None = None, limit: 
     params: list[Any] = [since] if since else []
     if limit:
         sql += " LIMIT ?"
-        params.append(int(limit))
+        params.append(sql_limit(limit))
     return [dict(r) for r in conn.execute(sql, params)]
 
 

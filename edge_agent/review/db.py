@@ -205,7 +205,7 @@ def _walk(conn: sqlite3.Connection, where: list[str], params: list[Any], key: tu
             break
         conds = [*where, cond] if cond else list(where)
         sql = f"SELECT {_LIST_COLS} FROM results" + (" WHERE " + " AND ".join(conds) if conds else "") + order
-        out += [dict(r) for r in conn.execute(sql + " LIMIT ?", (*params, *extra, n - len(out)))]
+        out += [dict(r) for r in conn.execute(sql + " LIMIT ?", (*params, *extra, min(n - len(out), 2**63 - 1)))]
     return out
 
 
