@@ -512,14 +512,7 @@ class Committer:
                 problem = (f"cannot remove files from the inbox {where}: {e.strerror or e} (a read-only mount, or "
                            "no write permission for the agent); intake paused until the inbox is writable again: "
                            "remount it read-write or give the agent's user write access to it")
-                if self.out_problem != problem:
-                    log.error("%s", problem)
-                    self.queue.put(("event", "paused", problem))
-                    self.queue.put(("state", {"paused": problem}))
-                self.out_problem = problem
-                self._probe_inbox.add(where)
-                self._next_probe = time.monotonic() + PROBE_SECONDS
-                self._unmoved.append(src_path)
+                self._pause(problem, self._probe_inbox, where, src_path, announce=self.out_problem != problem)
                 return None
             if e.errno in OUTPUT_ERRNOS:
                 # The output disk is full or read-only (or not writable for us): every other file would fail
@@ -527,20 +520,27 @@ class Committer:
                 # move it once a probe shows the folder is writable again.
                 problem = (f"cannot {o.action} files out of the inbox into {where}: {e.strerror or e}; intake "
                            "paused until it is writable again (free space, remount read-write or fix permissions)")
-                if self.out_problem is None:
-                    log.error("%s", problem)
-                    self.queue.put(("event", "paused", problem))
-                    self.queue.put(("state", {"paused": problem}))
-                self.out_problem = problem
-                self._probe_dirs.add(where)
-                self._next_probe = time.monotonic() + PROBE_SECONDS
-                self._unmoved.append(src_path)
+                self._pause(problem, self._probe_dirs, where, src_path, announce=self.out_problem is None)
                 return None
             o.settle = True
             log.error("recorded %s but could not %s it (%s); it stays in the inbox - fix permissions/space on %s",
                       src_path, o.action, e, where)
             self.queue.put(("event", "move_failed", f"{src_path}: {e}"))
             return None
+
+    def _pause(self, problem: str, probes: set[Path], where: Path, src_path: Path, *, announce: bool) -> None:
+        """Stop taking files because a folder refuses writes: every other file would fail the same way. The file
+        stays in the inbox (its row says 'pending') and moves once a probe of `where` shows it writable again.
+        `announce` is False while an output problem is already reported, so two refusing folders (processed/
+        and quarantine/) do not alternate their messages in the log."""
+        if announce:
+            log.error("%s", problem)
+            self.queue.put(("event", "paused", problem))
+            self.queue.put(("state", {"paused": problem}))
+        self.out_problem = problem
+        probes.add(where)
+        self._next_probe = time.monotonic() + PROBE_SECONDS
+        self._unmoved.append(src_path)
 
     def _was_replaced(self, o: Outcome) -> tuple[str, int, str, str | None]:
         assert o.table is not None and o.row_id is not None
