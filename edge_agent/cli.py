@@ -35,6 +35,7 @@ import click
 
 from . import __version__
 from . import log as logsetup
+from . import scan_report
 from .bundle import BundleError, default_bundle_path, verify_bundle
 from .config import AFTER_CHOICES, FIELDS, HELP, LOG_LEVELS, ConfigError, Settings, default_text, load_settings
 from .locks import Busy
@@ -215,7 +216,8 @@ def run(config_file: Path | None, **flags: Any) -> None:
 
 @main.command()
 @_settings_options
-def scan(config_file: Path | None, **flags: Any) -> None:
+@_format_options
+def scan(config_file: Path | None, fmt: str, as_json: bool, **flags: Any) -> None:
     """Screen what is in the inbox now, print a summary, and exit (0: every file got an outcome; 1: some were
     left in the inbox, named in the summary - e.g. a truncated file changed less than partial_timeout_seconds
     ago, which may still be being copied and is judged as `run` judges it)."""
@@ -265,36 +267,14 @@ def scan(config_file: Path | None, **flags: Any) -> None:
             signal.signal(sig, handler)
         if bar is not None:
             bar.__exit__(None, None, None)
-    elapsed = max(time.monotonic() - t0, 1e-6)
-    c = agent.counts
-    handled = c.results + c.duplicates + c.quarantined
-    click.echo(f"screened the inbox in {elapsed:.1f} s ({handled / elapsed:.1f} images/s)")
-    for label, value in (("processed", c.results), ("flagged for review", c.flagged), ("quarantined", c.quarantined),
-                         ("duplicates skipped", c.duplicates), ("already recorded", c.already_done),
-                         ("vanished before reading", c.vanished), ("model fallbacks", c.fallbacks)):
-        if value or label in ("processed", "flagged for review", "quarantined", "duplicates skipped"):
-            click.echo(f"  {label + ':':<26}{value}")
-    for rel, reason in quarantined[:20]:
-        click.echo(f"  quarantined {logsetup.printable(rel)}: {logsetup.printable(reason)}")
-    if len(quarantined) > 20:
-        click.echo(f"  ... and {len(quarantined) - 20} more (see `edge-agent quarantine`)")
-    left = agent.left_in_inbox()
-    for rel, why, age in left[:20]:
-        if why.startswith("cannot list"):  # a folder the agent cannot enter (intake.unlisted)
-            click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({why})")
-            continue
-        what = "temporary upload name, waits for its rename" if why == "temporary name" else \
-            f"{why}: possibly still being copied"
-        click.echo(f"  left in the inbox: {logsetup.printable(rel)} ({what}; changed {age:.0f} s ago)")
-    if len(left) > 20:
-        click.echo(f"  ... and {len(left) - 20} more left in the inbox (see `edge-agent status`)")
-    if any(not why.startswith("cannot list") for _, why, _ in left):
-        click.echo(f"  files that look incomplete are quarantined once unchanged for {s.partial_timeout_seconds:g} s "
-                   "(partial_timeout_seconds), as `run` does; run scan again after the copy has finished")
     hidden = agent.intake.hidden if getattr(agent, "intake", None) is not None else []
-    if hidden:  # never screened by design (._* from macOS, .DS_Store, dot-named uploads): say so, once
-        click.echo(f"  left alone: {len(hidden)}{'+' if len(hidden) >= 1000 else ''} hidden file(s) (names starting "
-                   f"with a dot, e.g. {logsetup.printable(hidden[0])}); rename without the dot to screen them")
+    report = scan_report.build(agent.counts, time.monotonic() - t0, quarantined, agent.left_in_inbox(), hidden,
+                               s.partial_timeout_seconds, code)
+    if fmt == "json" or as_json:
+        click.echo(scan_report.as_json(report))
+    else:
+        for line in scan_report.text(report, hidden[0] if hidden else None):
+            click.echo(line)
     if code == EXIT_INCOMPLETE:
         click.echo("edge-agent: some files in the inbox did not get an outcome (still being written, or in a "
                    "folder the agent cannot list: see \"left in the inbox\" above); run scan again", err=True)
