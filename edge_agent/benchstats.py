@@ -40,6 +40,32 @@ def ratio(a: float, b: float) -> float:
         return float("nan")
 
 
+def proc_kb(key: str, pid: int | str = "self", file: str = "status") -> int:
+    """One `Key:  N kB` line of /proc/PID/status (or smaps_rollup) in kB; 0 when the process has gone or there is
+    no /proc. Read for another process too: a parent sampling its children's VmHWM learns their own peaks, which
+    os.wait4's ru_maxrss cannot tell (it carries the parent's peak across fork and exec)."""
+    try:
+        with open(f"/proc/{pid}/{file}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of pid (all its threads'), from /proc; [] when it has gone."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size in MiB.
 
@@ -47,13 +73,9 @@ def peak_rss_mb() -> float:
     getrusage's ru_maxrss survives exec, so a benchmark worker started by a
     process that had imported torch would report its parent's peak.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    kb = proc_kb("VmHWM:")
+    if kb:
+        return kb / 1024
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

@@ -381,11 +381,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
             raise ConfigError(f"unknown setting {k!r}; known settings: {', '.join(FIELDS)}")
         values[k] = _coerce(k, v, "command line")
     settings = replace(Settings(), **values)
-    validate(settings)
-    if cfg_path is not None:
-        from .paths import check_config_file
-
-        check_config_file(cfg_path, settings)
+    validate(settings, config=cfg_path)
     return settings
 
 
@@ -393,8 +389,9 @@ def _num(x: float) -> str:
     return f"{int(x):_}" if float(x).is_integer() else f"{x:g}"
 
 
-def validate(s: Settings) -> None:
-    """Range checks that need no file system access; raises ConfigError."""
+def validate(s: Settings, config: Path | None = None) -> None:
+    """Range checks, then the layout of the paths (`config`: the settings file they came from); raises
+    ConfigError."""
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"{name}={getattr(s, name)!r} {why}. {name}: {HELP[name]}")
 
@@ -428,7 +425,7 @@ def validate(s: Settings) -> None:
         raise bad("providers", "must name at least one onnxruntime execution provider, e.g. CPUExecutionProvider")
     from .paths import check_layout  # real paths: output folders, database and bundle outside the inbox
 
-    check_layout(s)
+    check_layout(s, config)
 
 
 def _absolute_in_file(name: str, value: Any, cfg_path: Path) -> None:

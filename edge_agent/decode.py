@@ -54,6 +54,7 @@ class Header:
     format: str
     width: int
     height: int
+    progressive: bool = False  # a progressive JPEG (SOF2/6/10/14): decoded whole, whatever the scale
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,12 @@ def read_header(data: bytes) -> Header:
         what = _describe_unknown(data)
         raise Rejected("not_image", f"not a supported image: the content is {what}; supported formats are JPEG, PNG, "
                        "BMP, TIFF and WebP - export the photo in one of those and send it again")
+    sof = 0
     try:
-        w, h = {"jpeg": _jpeg_size, "png": _png_size, "bmp": _bmp_size, "tiff": _tiff_size, "webp": _webp_size}[fmt](data)
+        if fmt == "jpeg":
+            w, h, sof = jpeg_frame(data)
+        else:
+            w, h = {"png": _png_size, "bmp": _bmp_size, "tiff": _tiff_size, "webp": _webp_size}[fmt](data)
     except Rejected:
         raise
     except (struct.error, IndexError, ValueError):
@@ -142,12 +147,7 @@ def read_header(data: bytes) -> Header:
                        "interrupted - send the image again", maybe_incomplete=True) from None
     if w <= 0 or h <= 0:
         raise Rejected("corrupt", f"corrupt {fmt.upper()} header: it declares a {w}x{h} image; re-export the image")
-    return Header(fmt, w, h)
-
-
-def _jpeg_size(d: bytes) -> tuple[int, int]:
-    w, h, _sof = jpeg_frame(d)
-    return w, h
+    return Header(fmt, w, h, progressive=sof in PROGRESSIVE_SOF)
 
 
 def jpeg_frame(d: bytes) -> tuple[int, int, int]:
@@ -375,13 +375,9 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     and libpng step over such damage and return an image that is partly garbage.
     """
     buf = np.frombuffer(data, np.uint8)
-    big = is_big(data, header)
     try:
         with capture if capture is not None else contextlib.nullcontext():
-            if big:
-                with _big_decode:
-                    img = cv2.imdecode(buf, _REDUCED[reduction])  # 1 but for a progressive JPEG
-            else:
+            with _big_decode if is_big(header) else contextlib.nullcontext():
                 img = cv2.imdecode(buf, _REDUCED[reduction])
     except cv2.error as e:
         raise _decoder_error(header, str(e)) from None
@@ -404,17 +400,10 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     return img
 
 
-def is_big(data: bytes, header: Header) -> bool:
+def is_big(header: Header) -> bool:
     """A decode that holds the whole image in memory at full resolution: any format but JPEG, or a progressive
     JPEG, above BIG_DECODE_PIXELS."""
-    if header.width * header.height <= BIG_DECODE_PIXELS:
-        return False
-    if header.format != "jpeg":
-        return True
-    try:
-        return jpeg_frame(data)[2] in PROGRESSIVE_SOF
-    except (Rejected, struct.error, IndexError):
-        return False
+    return header.width * header.height > BIG_DECODE_PIXELS and (header.format != "jpeg" or header.progressive)
 
 
 def _out_of_memory(header: Header) -> Rejected:

@@ -52,9 +52,11 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import queue
+import resource
 import signal
 import struct
 import subprocess
@@ -395,10 +397,9 @@ def _is_big(data: bytes) -> bool:
     """Runs in the agent, on the header only (decode.is_big); the JPEG header walk is bounded (MAX_SEGMENTS
     segments, MAX_JPEG_FILL fill bytes: at most some 40 ms of the agent's CPU for a crafted file)."""
     try:
-        h = read_header(data)
+        return is_big(read_header(data))
     except (Rejected, struct.error, IndexError, ValueError):
         return False
-    return is_big(data, h)
 
 
 # --- the worker process ------------------------------------------------------------------------
@@ -423,8 +424,6 @@ def _vm_size() -> int:
 
 
 def _limit_memory(budget: int) -> tuple[bool, str, int]:
-    import resource
-
     try:
         ceiling = _vm_size() + budget
         _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -440,8 +439,6 @@ class _CpuCeiling:
     """Per-decode processor-time ceiling through the soft RLIMIT_CPU (see the module docstring)."""
 
     def __init__(self, seconds: float) -> None:
-        import resource
-
         self.seconds = seconds
         self.ok = True
         try:
@@ -451,9 +448,6 @@ class _CpuCeiling:
         _soft, self.hard = resource.getrlimit(resource.RLIMIT_CPU)
 
     def arm(self) -> None:
-        import math
-        import resource
-
         if not self.ok:
             return
         u = resource.getrusage(resource.RUSAGE_SELF)
@@ -468,8 +462,6 @@ class _CpuCeiling:
                   file=sys.stderr, flush=True)
 
     def disarm(self) -> None:
-        import resource
-
         if self.ok:
             with contextlib.suppress(OSError, ValueError):
                 resource.setrlimit(resource.RLIMIT_CPU, (self.hard, self.hard))

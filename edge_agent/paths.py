@@ -37,9 +37,10 @@ def inside(p: Path, folder: Path) -> bool:
     return p == folder or p.is_relative_to(folder)
 
 
-def check_layout(s: Settings) -> None:
+def check_layout(s: Settings, config: Path | None = None) -> None:
     """Refuse output folders that contain the inbox, and anything the agent writes or reads as its own
-    (database and its side files, bundle, processed and quarantine folders) inside the inbox."""
+    (database and its side files, bundle, processed and quarantine folders, trusted keys, site calibration,
+    the settings file `config`) inside the inbox."""
     if s.inbox is None:
         return
     inbox = real(s.inbox)
@@ -55,13 +56,17 @@ def check_layout(s: Settings) -> None:
     own += [("trusted_keys", real(k)) for k in getattr(s, "trusted_keys", ())]
     if getattr(s, "calibration", None) is not None:
         own.append(("calibration", real(s.calibration)))
+    if config is not None:
+        own.append(("config file", real(config)))
     for name, p in own:
         if p is not None and inside(p, inbox):
             what = {"db": "the database (the agent would screen and move its own database files)",
                     "model": "the model bundle (the agent would screen and move its own model)",
                     "trusted_keys": "a key the agent trusts (it would be quarantined as not an image, and anyone "
                                     "who may drop files in the inbox could replace it)",
-                    "calibration": "the site calibration (the agent would screen and move it away)"}.get(
+                    "calibration": "the site calibration (the agent would screen and move it away)",
+                    "config file": "the agent's settings (it would screen and move its own settings, and anyone "
+                                   "who may drop files in the inbox could change them)"}.get(
                 name, "an output folder (its files would be screened again at every rescan)")
             raise ConfigError(f"{name} {p} is inside the inbox {inbox}: that is {what}; put it outside the inbox")
     processed, quarantine = real(s.processed_path), real(s.quarantine_path)
@@ -69,18 +74,6 @@ def check_layout(s: Settings) -> None:
         raise ConfigError(f"processed_dir {processed} and quarantine_dir {quarantine} are the same folder or one is "
                           "inside the other: screened images and refused files would mix (retention, `results` and "
                           "`quarantine` would act on the wrong files); give them two separate folders")
-
-
-def check_config_file(config: Path, s: Settings) -> None:
-    """The settings file may not live in the inbox: the agent would quarantine it as not an image (and
-    whoever may drop files in the inbox could rewrite the agent's settings)."""
-    if s.inbox is None:
-        return
-    c, inbox = real(config), real(s.inbox)
-    if inside(c, inbox):
-        raise ConfigError(f"config file {c} is inside the inbox {inbox}: the agent would screen and move its own "
-                          "settings, and anyone who may drop files in the inbox could change them; move it "
-                          "outside the inbox (e.g. /etc/edge-agent/config.toml)")
 
 
 def resolve(s: Settings) -> SitePaths:

@@ -172,10 +172,7 @@ def query_results(conn: sqlite3.Connection, flagged: bool = False, since: str | 
         where.append("label = ?")
         params.append(label)
     sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + _RESULT_ORDER[sort]
-    if limit:
-        sql += " LIMIT ?"
-        params.append(sql_limit(limit))
-    return [dict(r) for r in conn.execute(sql, params)]
+    return _fetch(conn, sql, params, limit)
 
 
 SQL_MAX_INT = 2**63 - 1
@@ -187,15 +184,20 @@ def sql_limit(limit: int) -> int:
     return min(int(limit), SQL_MAX_INT)
 
 
+def _fetch(conn: sqlite3.Connection, sql: str, params: list[Any], limit: int | None) -> list[dict[str, Any]]:
+    """Run a listing query, with `LIMIT ?` when a limit is given."""
+    if limit:
+        sql += " LIMIT ?"
+        params = [*params, sql_limit(limit)]
+    return [dict(r) for r in conn.execute(sql, params)]
+
+
 def query_quarantine(conn: sqlite3.Connection, since: str | None = None, limit: int | None = None,
                      sort: str = "newest") -> list[dict[str, Any]]:
     """Quarantine rows: what was refused, why (in words), and where the file is now."""
     sql = "SELECT * FROM quarantine" + (" WHERE quarantined_at >= ?" if since else "") + _QUARANTINE_ORDER[sort]
     params: list[Any] = [since] if since else []
-    if limit:
-        sql += " LIMIT ?"
-        params.append(sql_limit(limit))
-    return [dict(r) for r in conn.execute(sql, params)]
+    return _fetch(conn, sql, params, limit)
 
 
 def query_duplicates(conn: sqlite3.Connection, since: str | None = None, limit: int | None = None,
@@ -205,10 +207,7 @@ def query_duplicates(conn: sqlite3.Connection, since: str | None = None, limit: 
            "r.label_name AS first_label_name FROM duplicates d LEFT JOIN results r ON r.id = d.result_id"
            + (" WHERE d.recorded_at >= ?" if since else "") + _DUPLICATE_ORDER[sort])
     params: list[Any] = [since] if since else []
-    if limit:
-        sql += " LIMIT ?"
-        params.append(sql_limit(limit))
-    return [dict(r) for r in conn.execute(sql, params)]
+    return _fetch(conn, sql, params, limit)
 
 
 # --- presenting -------------------------------------------------------------------------------

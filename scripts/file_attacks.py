@@ -33,27 +33,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from hostile_files import ATTACKS  # noqa: E402
 
-
-def _hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
+sys.path.insert(0, str(REPO))
+from edge_agent.benchstats import child_pids, proc_kb  # noqa: E402
 
 
 def run_one(name: str, data: bytes, limit: int, code: Path, bundle: Path, timeout: float) -> dict:
@@ -77,8 +58,8 @@ def run_one(name: str, data: bytes, limit: int, code: Path, bundle: Path, timeou
 
         def sample() -> None:
             while not done.is_set():
-                for pid in [p.pid, *_children(p.pid)]:
-                    peaks[pid] = max(peaks.get(pid, 0), _hwm_kb(pid))
+                for pid in [p.pid, *child_pids(p.pid)]:
+                    peaks[pid] = max(peaks.get(pid, 0), proc_kb("VmHWM:", pid))
                 time.sleep(0.02)
 
         th = threading.Thread(target=sample, daemon=True)

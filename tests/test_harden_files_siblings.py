@@ -88,31 +88,14 @@ if pid == 0:
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.execv(sys.argv[2], sys.argv[2:])
-def field(p, name, where="status"):
-    try:
-        with open(f"/proc/{p}/{where}") as f:
-            for line in f:
-                if line.startswith(name):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-def tree(p):
-    out = [p]
-    try:
-        for t in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
+from edge_agent.benchstats import child_pids, proc_kb  # after the fork: the agent's environment stays the test's
 hwm, peak_sum, done = {}, [0], threading.Event()
 def sample():
     while not done.is_set():
         total = 0
-        for p in tree(pid):
-            hwm[p] = max(hwm.get(p, 0), field(p, "VmHWM:"))
-            total += field(p, "Pss:", "smaps_rollup")  # shared library pages counted once, not per process
+        for p in [pid, *child_pids(pid)]:
+            hwm[p] = max(hwm.get(p, 0), proc_kb("VmHWM:", p))
+            total += proc_kb("Pss:", p, "smaps_rollup")  # shared library pages counted once, not per process
         peak_sum[0] = max(peak_sum[0], total)
         time.sleep(0.02)
 th = threading.Thread(target=sample, daemon=True)

@@ -16,10 +16,9 @@ import logging
 import os
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
-from ..benchstats import peak_rss_mb
+from ..benchstats import peak_rss_mb, proc_kb
 from ..bundle import load_bundle
 from ..config import Settings
 from ..decode import QualityLimits
@@ -135,10 +134,5 @@ def _name(location: str) -> str:
 
 
 def _hwm(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    kb = proc_kb("VmHWM:", pid)
+    return kb / 1024 if kb else None

@@ -20,7 +20,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..query import REASON_WORDS, QUALITY_WORDS, parse_since
+from ..query import REASON_WORDS, QUALITY_WORDS, parse_since, sql_limit
 from ..store import SCHEMA_VERSION, StoreError, connect, db_text, migrate, now_iso
 
 VERDICT_BUSY_MS = 3000
@@ -205,7 +205,7 @@ def _walk(conn: sqlite3.Connection, where: list[str], params: list[Any], key: tu
             break
         conds = [*where, cond] if cond else list(where)
         sql = f"SELECT {_LIST_COLS} FROM results" + (" WHERE " + " AND ".join(conds) if conds else "") + order
-        out += [dict(r) for r in conn.execute(sql + " LIMIT ?", (*params, *extra, min(n - len(out), 2**63 - 1)))]
+        out += [dict(r) for r in conn.execute(sql + " LIMIT ?", (*params, *extra, sql_limit(n - len(out))))]
     return out
 
 
