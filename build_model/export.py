@@ -18,10 +18,12 @@ from .model import EfficientNetLite0
 INPUT, OUTPUT = "input", "logits"
 
 
-def load_checkpoint(path: Path) -> tuple[EfficientNetLite0, dict]:
+def load_checkpoint(path: Path, image_size: int | None = None) -> tuple[EfficientNetLite0, dict]:
+    """The trained network, built for `image_size` (default: the size it was trained at; the
+    TF-SAME padding depends on it, the weights do not)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    model = EfficientNetLite0(len(ck["labels"]), cfg["image_size"], arch=cfg.get("arch", "lite0"))
+    model = EfficientNetLite0(len(ck["labels"]), image_size or cfg["image_size"], arch=cfg.get("arch", "lite0"))
     model.load_state_dict(ck["model"])
     model.eval()
     return model, ck

@@ -34,17 +34,16 @@ def extract(ds, arch: str, size: int, weights: str, batch: int = 32) -> dict[str
     """Global-average-pooled outputs of the last four stages and of the head, and the logits."""
     import torch
 
-    from build_model.model import EfficientNetLite0, build_model
+    from build_model.export import load_checkpoint
+    from build_model.model import build_model
     from edge_agent.preprocess import Preprocessing, preprocess
 
     if weights == "imagenet":
         model = build_model(len(ds.labels), size, pretrained=True, arch=arch)
         pre = Preprocessing(input_size=size)
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
+        model, state = load_checkpoint(Path(weights), size)
         pre = Preprocessing.from_dict({**state["preprocessing"], "input_size": size})
-        model = EfficientNetLite0(len(state["labels"]), size, arch=arch)
-        model.load_state_dict({k: v.float() for k, v in state["model"].items()})
     model.eval()
     width = [list(b.parameters())[-1].shape[0] for b in model._blocks]
     ends = [i for i in range(len(width)) if i == len(width) - 1 or width[i + 1] != width[i]][-4:]
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", action="append", required=True)
     ap.add_argument("--holdout", required=True)
     ap.add_argument("--weights", default="imagenet", help="'imagenet' or a training checkpoint (best.pt)")
-    ap.add_argument("--arch", default="lite0")
+    ap.add_argument("--arch", default="lite0", help="with --weights imagenet (a checkpoint knows its own)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--cache", type=Path, help="features file: written after extraction, read when present")
     ap.add_argument("--features", default="head,b15,b14,b10+b14+b15+head", help="comma-separated; + concatenates")

@@ -37,17 +37,12 @@ from edge_agent.calibration_math import bootstrap_ci, softmax  # noqa: E402
 
 def load_checkpoint(spec: str):
     """`PATH` or `PATH@SIZE` (the same weights, scored at SIZE px)."""
-    import torch
-
-    from build_model.model import EfficientNetLite0
+    from build_model.export import load_checkpoint as load
     from edge_agent.preprocess import Preprocessing
 
     path, _, size = spec.rpartition("@") if "@" in Path(spec).name else (spec, "", "")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    model, state = load(Path(path), int(size) if size else None)
     pre = Preprocessing.from_dict({**state["preprocessing"], **({"input_size": int(size)} if size else {})})
-    arch = state.get("config", {}).get("arch", "lite0")
-    model = EfficientNetLite0(len(state["labels"]), pre.input_size, arch=arch)
-    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
     return model, pre, state["labels"]
 
 
