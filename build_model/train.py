@@ -59,7 +59,7 @@ class TrainConfig:
     qat_consistency: float = 1.0   # QAT: weight of KL(float output || rounded output) in the loss
     qat_margin: float = 0.0        # QAT: hinge on the rounded logits: the float model's top class ahead by this much
     arch: str = "lite0"           # lite0 | lite1 | lite2 (EfficientNet-Lite backbone)
-    augment: str = "legacy"       # legacy (the first recipe) or a comma list of artefacts,zoom,aspect,strong_color ("" = base)
+    augment: str = "legacy"       # legacy (the first recipe) or a comma list of artefacts,zoom,aspect,strong_color,wide_field ("" = base)
     masked_loss: bool = True      # a source's images are scored only on the classes that source labels
     source_power: float = 0.0     # sample weight ~ source_size**-power (0: natural, 1: sources equally often)
     device: str = "cpu"           # cpu | cuda | auto

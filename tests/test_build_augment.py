@@ -51,7 +51,8 @@ def test_artefacts_change_pixels_but_only_where_they_are_drawn() -> None:
     assert np.any(ink != img) and np.all(ink[80:112, 80:112] == img[80:112, 80:112])  # never on the lesion centre
 
 
-@pytest.mark.parametrize("names", ["", "artefacts", "zoom", "aspect", "strong_color", "artefacts,zoom,aspect,strong_color"])
+@pytest.mark.parametrize("names", ["", "artefacts", "zoom", "aspect", "strong_color", "wide_field",
+                                   "artefacts,zoom,aspect,strong_color,wide_field"])
 def test_augment_v2_gives_the_training_size_whatever_the_families(names: str) -> None:
     cfg = A.AugmentConfig.from_names(names)
     for seed in range(5):
@@ -63,3 +64,22 @@ def test_augment_v2_gives_the_training_size_whatever_the_families(names: str) ->
 def test_unknown_augmentation_name_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match="artefacts"):
         A.AugmentConfig.from_names("artefacts,sparkles")
+
+
+def _dark_disc_area(img: np.ndarray) -> float:
+    return float((img[..., 0] < 100).mean())
+
+
+def test_wide_field_shows_the_lesion_smaller_than_zoom_on_average() -> None:
+    """A dark disc filling the middle of a skin-coloured frame covers less of the training image."""
+    import cv2
+    img = np.full((150, 200, 3), (200, 150, 140), np.uint8)
+    cv2.circle(img, (100, 75), 45, (60, 40, 30), -1)
+    zoom, wide = A.AugmentConfig.from_names("zoom"), A.AugmentConfig.from_names("wide_field")
+    area = {name: np.mean([_dark_disc_area(A.augment_v2(img, 96, RNG(s), cfg)) for s in range(60)])
+            for name, cfg in (("zoom", zoom), ("wide", wide))}
+    assert area["wide"] < 0.8 * area["zoom"], area
+    out = A.zoom_out(img, RNG(0), (0.4, 0.41), fill="skin")  # one lesion, 0.4^2 of its area
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert 0.13 < _dark_disc_area(out) / _dark_disc_area(img) < 0.2
+    assert _dark_disc_area(out[:, :50]) == 0 and abs(int(out[5, 5, 0]) - 200) < 15  # skin, not a copy
