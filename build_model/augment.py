@@ -230,7 +230,9 @@ def zoom_out(img: np.ndarray, rng: np.random.Generator, factor: tuple[float, flo
     top, left = (h - sh) // 2, (w - sw) // 2
     if fill == "reflect":
         return cv2.copyMakeBorder(small, top, h - sh - top, left, w - sw - left, cv2.BORDER_REFLECT_101)
-    return _paste_on_skin(img, small, top, left, rng)
+    if fill == "skin":
+        return _paste_on_skin(img, small, top, left, rng)
+    raise ValueError(f"zoom_out fill {fill!r}: use 'reflect' or 'skin'")
 
 
 def _paste_on_skin(img: np.ndarray, small: np.ndarray, top: int, left: int, rng: np.random.Generator) -> np.ndarray:

@@ -83,3 +83,5 @@ def test_wide_field_shows_the_lesion_smaller_than_zoom_on_average() -> None:
     assert out.shape == img.shape and out.dtype == np.uint8
     assert 0.13 < _dark_disc_area(out) / _dark_disc_area(img) < 0.2
     assert _dark_disc_area(out[:, :50]) == 0 and abs(int(out[5, 5, 0]) - 200) < 15  # skin, not a copy
+    with pytest.raises(ValueError, match="reflect"):
+        A.zoom_out(img, RNG(0), fill="mirror")
