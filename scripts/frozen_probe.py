@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from build_model.data import load_sources, split_sources  # noqa: E402
+from build_model.evaluate import auc  # noqa: E402
 from build_model.metrics import summarize_restricted  # noqa: E402
 from edge_agent.calibration_math import bootstrap_ci  # noqa: E402
 
@@ -66,7 +67,6 @@ def extract(ds, arch: str, size: int, weights: str, batch: int = 32) -> dict[str
 
 def probe(X: np.ndarray, ds, split: np.ndarray, holdout: str, Cs: list[float], reps: int) -> dict:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     y, src = ds.y, np.array(ds.source_of)
@@ -84,8 +84,8 @@ def probe(X: np.ndarray, ds, split: np.ndarray, holdout: str, Cs: list[float], r
             best = (score, C, p)
     _, C, p = best
     yh, ph = y[ho], p[ho, mel]
-    auc = lambda i: float(roc_auc_score(yh[i] == mel, ph[i]))  # noqa: E731
-    out = {"C": C, "holdout_mel_auc": auc(np.arange(len(yh))), "holdout_mel_auc_ci": bootstrap_ci(auc, len(yh), reps),
+    mel_auc = lambda i: auc(yh[i] == mel, ph[i])  # noqa: E731
+    out = {"C": C, "holdout_mel_auc": mel_auc(np.arange(len(yh))), "holdout_mel_auc_ci": bootstrap_ci(mel_auc, len(yh), reps),
            "holdout_balanced_accuracy": summarize_restricted(yh, p[ho], ds.labels, ds.source_labels[holdout])["balanced_accuracy"]}
     for s in ds.sources:
         if s != holdout:

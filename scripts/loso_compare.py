@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from build_model.data import load_sources, split_sources  # noqa: E402
+from build_model.evaluate import auc  # noqa: E402
 from build_model.metrics import summarize_restricted  # noqa: E402
 from edge_agent.calibration_math import bootstrap_ci, softmax  # noqa: E402
 
@@ -47,10 +48,8 @@ def load_checkpoint(spec: str):
 
 
 def mel_auc(y: np.ndarray, p_mel: np.ndarray, mel: int) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    pos = y == mel
-    return float(roc_auc_score(pos, p_mel)) if 0 < pos.sum() < len(y) else float("nan")
+    """`evaluate`'s rank AUC (NaN for a resample without melanoma or without anything else)."""
+    return auc(y == mel, p_mel)
 
 
 def main(argv: list[str] | None = None) -> dict:
