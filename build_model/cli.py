@@ -18,11 +18,11 @@ require_build_extra()  # a runtime-only install: one line naming the extra, not 
 
 import click  # noqa: E402
 
-from edge_agent.preprocess import Preprocessing  # noqa: E402
+from edge_agent.preprocess import RESIZE_RULES  # noqa: E402
 
 from .errors import BuildError, build_extra_message, missing_build_module  # noqa: E402
 from .quantize import ADAROUND_ITERS, CALIB_SIZE  # noqa: E402
-from .train import TrainConfig  # noqa: E402
+from .train import TrainConfig, preprocessing_for  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -154,6 +154,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise click.BadParameter(f"{cfg.arch!r}: choose one of {sorted(ARCHS)}", param_hint="--arch")
     if cfg.augment != "legacy":
         AugmentConfig.from_names(cfg.augment)  # ConfigError names the unknown ones
+    if cfg.resize not in RESIZE_RULES:
+        raise click.BadParameter(f"{cfg.resize!r}: choose one of {', '.join(RESIZE_RULES)}", param_hint="--resize")
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise click.BadParameter(f"{cfg.device!r}: choose cpu, cuda or auto", param_hint="--device")
 
@@ -173,7 +175,7 @@ def train(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_
 
     cfg = make_config(seed, kw)
     ds, split = data_and_split(data, out, seed)
-    pre = Preprocessing(input_size=cfg.image_size)
+    pre = preprocessing_for(cfg)
     _padding(workdir_for(out, workdir), cfg.image_size)
     best = run(ds, split, workdir_for(out, workdir), cfg, pre, resume=not no_resume, log=_log)
     _log(f"best checkpoint: {best}")
@@ -284,7 +286,7 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
     _padding(work, cfg.image_size)
     from .train import train as run_train
 
-    pre = Preprocessing(input_size=cfg.image_size)
+    pre = preprocessing_for(cfg)
     best = run_train(ds, split, work, cfg, pre, resume=not no_resume, log=_log)
     trains, workdirs = [("train", cfg)], {"train": work}
     if qat_epochs > 0 and not cfg.qat:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, DataError, DataNotFound
-from .train import TrainConfig
+from .train import TrainConfig, preprocessing_for
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -261,7 +261,6 @@ Log = Callable[[str], None]
 def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, padding: Callable[[Path, int], None],
                resume: bool = True, signing_key: Path | None = None, build_command: str = "") -> dict:
     """Run every stage in order; return the bundle's manifest (with training.recipe and training.stages)."""
-    from edge_agent.preprocess import Preprocessing
 
     from . import stages as st
     from .train import train as run_train
@@ -277,7 +276,7 @@ def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, pa
                             "names finish?)")
         log(f"recipe {recipe.name}: stage {stage.name} (train {cfg.image_size} px, {cfg.epochs} epochs"
             + (f", from {cfg.init_from}" if cfg.init_from else "") + ")")
-        run_train(ds, split, stage_work, cfg, Preprocessing(input_size=cfg.image_size), resume=resume, log=log)
+        run_train(ds, split, stage_work, cfg, preprocessing_for(cfg), resume=resume, log=log)
         workdirs[stage.name], configs[stage.name] = stage_work, cfg
     records = stage_records(recipe, out, workdirs, configs, signing_key)
     last_work = workdirs[recipe.train_stages()[-1].name]

@@ -39,7 +39,7 @@ from .calibrate import choose_thresholds, fit_temperature
 from .data import Dataset, cache_images, load_sources, split_sources
 from .evaluate import evaluate_source
 from .metrics import softmax
-from .train import TrainConfig, pick_device, predict_logits, train
+from .train import TrainConfig, pick_device, predict_logits, preprocessing_for, train
 
 # Relative cost per image of the backbones and sizes (FLOPs, measured ratio replaces it once run).
 COST = {("lite0", 192): 1.0, ("lite0", 224): 1.36, ("lite2", 192): 2.2, ("lite2", 224): 3.0, ("lite2", 260): 4.0}
@@ -107,7 +107,7 @@ class Sweep:
         work = self.out / "runs" / name.replace(" ", "_").replace("+", "p")
         if work.exists():
             shutil.rmtree(work)
-        pre = Preprocessing(input_size=cfg.image_size)
+        pre = preprocessing_for(cfg)
         t = time.time()
         best = train(self.ds, split, work, cfg, pre, resume=False, log=lambda m: self.log(f"[{name}] {m}"))
         import torch

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from edge_agent.lesion import lesion_region
 from edge_agent.preprocess import Preprocessing, preprocess, to_tensor
 
 from .errors import BuildError
@@ -64,6 +65,12 @@ class TrainConfig:
     source_power: float = 0.0     # sample weight ~ source_size**-power (0: natural, 1: sources equally often)
     device: str = "cpu"           # cpu | cuda | auto
     workers: int = 0              # augmentation processes (0: in the training process)
+    resize: str = "shorter_side_center_crop"  # the bundle's resize rule; lesion_crop: the square around the lesion (edge_agent/lesion.py)
+
+
+def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
+    """The preprocessing a model trained with `cfg` is scored and shipped with."""
+    return Preprocessing(input_size=cfg.image_size, resize=cfg.resize)
 
 
 # Settings that do not change the training trajectory: a resume may change them.
@@ -216,7 +223,10 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
     log(f"train {len(tr)} images, val {len(va)} images, classes {ds.class_counts(tr)}"
         + (f", sources {ds.source_counts(tr)}" if len(ds.sources) > 1 else "")
         + f", device {dev}")
-    tr_imgs = load_images(ds, tr, cfg.max_source_side)
+    tr_raw = tr_imgs = load_images(ds, tr, cfg.max_source_side)
+    if pre.resize == "lesion_crop":
+        # Augment what the agent will crop, so random resized crops vary the scale around the lesion's.
+        tr_imgs = [np.ascontiguousarray(lesion_region(im, pre.lesion_margin)) for im in tr_raw]
     va_imgs = load_images(ds, va, cfg.max_source_side)
     ytr, yva = ds.y[tr], ds.y[va]
     mask_all = ds.label_mask() if cfg.masked_loss else np.ones((len(ds), n_cls), bool)
@@ -246,7 +256,7 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         rounded = prepare(model, FP32_FIRST_CONVS, cfg.qat_percentile if cfg.qat_percentile < 100 else None)
         pos = {int(g): i for i, g in enumerate(tr)}
         cal = calibration_indices(ds.y, split, CALIB_SIZE, cfg.seed)
-        cal_x = torch.from_numpy(np.stack([preprocess(tr_imgs[pos[int(g)]], pre) for g in cal]))
+        cal_x = torch.from_numpy(np.stack([preprocess(tr_raw[pos[int(g)]], pre) for g in cal]))
         log(f"QAT: {len(rounded)} convolutions round their weights; activation ranges from {len(cal)} calibration images")
     model = model.to(dev).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

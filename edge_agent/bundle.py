@@ -41,7 +41,9 @@ if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV and signing the
 # features it uses (`required_format_version`), so bundles without them stay at 1 or 2 and keep
 # running on older agents, and an older agent refuses a newer bundle instead of silently computing
 # other numbers than the bundle's report (or silently skipping its OOD check).
-FORMAT_VERSION = 3
+# Version 4: the `lesion_crop` resize rule (preprocessing.resize; lesion.py): an older agent would
+# refuse the rule by name anyway, but the version says it before any image is read.
+FORMAT_VERSION = 4
 TTA_MODES = ("none", "hflip")
 MANIFEST = "manifest.json"
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -260,6 +262,9 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
 
 def required_format_version(manifest: dict[str, Any]) -> int:
     """The lowest format version that has every feature this manifest uses (the builder writes this)."""
+    pre = manifest.get("preprocessing")
+    if isinstance(pre, dict) and pre.get("resize") == "lesion_crop":
+        return 4
     if "features" in manifest or "ood" in manifest:
         return 3
     return 2 if manifest.get("tta", "none") != "none" else 1
@@ -297,6 +302,8 @@ def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
         err(f"manifest key 'tta' is {m['tta']!r}; this agent knows {list(TTA_MODES)}: upgrade edge-agent or rebuild the bundle")
     elif m.get("format_version", 1) < required_format_version(m):
         used = [k for k in ("tta", "features", "ood") if k in m and m[k] != "none"]
+        if required_format_version(m) == 4:
+            used.append("the lesion_crop resize rule")
         err(f"manifest uses {', '.join(used)} (format version {required_format_version(m)}) but declares "
             f"format_version {m.get('format_version')}; older agents would ignore it: rebuild the bundle with a "
             "current build-model")
@@ -435,6 +442,9 @@ def _preprocessing_problem(p: dict[str, Any]) -> str | None:
             return f"{key} {p[key]!r} must be text"
     if p.get("interpolation", "area") not in ("area", "linear", "cubic"):
         return f"interpolation {p.get('interpolation')!r} must be area, linear or cubic"
+    lm = p.get("lesion_margin", 0.15)
+    if not _is_number(lm) or not 0 <= lm <= 2:
+        return f"lesion_margin {lm!r} must be a number from 0 to 2"
     gp = p.get("shades_of_gray_p", 6)
     if not _is_number(gp) or not 1 <= gp <= 64:
         return f"shades_of_gray_p {gp!r} must be a number from 1 to 64"

@@ -69,24 +69,31 @@ def colorize(cam: np.ndarray, size: tuple[int, int] | None = None, max_alpha: fl
     return np.dstack([bgr[..., ::-1], alpha])
 
 
-def crop_box(width: int, height: int, resize_rule: str = "shorter_side_center_crop") -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, resize_rule: str = "shorter_side_center_crop",
+             region: tuple[float, float, float, float] | None = None) -> tuple[int, int, int, int]:
     """(x, y, w, h) of the part of a width x height image the model saw (preprocess.resize_and_crop): the
-    centred square of the shorter side, or the whole image for the "stretch" rule."""
+    centred square of the shorter side, the whole image for the "stretch" rule, or for "lesion_crop" the
+    square around the lesion (`region`, fractions of the image: decode.Decoded.region)."""
     if resize_rule == "stretch":
         return 0, 0, width, height
+    if resize_rule == "lesion_crop" and region is not None:
+        x0, y0 = round(region[0] * width), round(region[1] * height)
+        x1, y1 = max(x0 + 1, round(region[2] * width)), max(y0 + 1, round(region[3] * height))
+        return x0, y0, min(x1, width) - x0, min(y1, height) - y0
     side = min(width, height)
     return (width - side) // 2, (height - side) // 2, side, side
 
 
 def overlay(bgr: np.ndarray, cam: np.ndarray, alpha: float = 0.45,
-            resize_rule: str = "shorter_side_center_crop") -> np.ndarray:
+            resize_rule: str = "shorter_side_center_crop",
+            region: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """The photo (H x W x 3 uint8 BGR) with the map blended over the region the model saw, at opacity
     `alpha` (0: photo only, 1: map only where it is hot). Returns a new BGR image of the same size."""
     if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
         raise CamError(f"overlay needs an H x W x 3 uint8 image, got {bgr.dtype} {bgr.shape}")
     alpha = float(np.clip(alpha, 0.0, 1.0))
     h, w = bgr.shape[:2]
-    x, y, cw, ch = crop_box(w, h, resize_rule)
+    x, y, cw, ch = crop_box(w, h, resize_rule, region)
     rgba = colorize(cam, (cw, ch), max_alpha=1.0)
     color = rgba[..., 2::-1].astype(np.float32)  # back to BGR
     a = (rgba[..., 3:4].astype(np.float32) / 255.0) * alpha

@@ -26,6 +26,7 @@ import numpy as np
 
 from .containers import MAX_JPEG_FILL, MAX_SEGMENTS, check_structure
 from .decoder_messages import StderrCapture, classify
+from .lesion import lesion_box
 from .preprocess import Preprocessing, preprocess_bgr
 from .rejection import Rejected
 
@@ -84,6 +85,9 @@ class Decoded:
     reduction: int
     tensor: np.ndarray  # 3xSxS float32, exactly the manifest preprocessing
     quality: Quality
+    # (x0, y0, x1, y1) as fractions of the image: the square a `lesion_crop` bundle's model saw, when the
+    # caller asked (`want_region`: the review app places heatmaps with it); None: the rule's fixed square
+    region: tuple[float, float, float, float] | None = None
 
 
 def sniff(data: bytes) -> str | None:
@@ -473,7 +477,7 @@ def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
 
 
 def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: QualityLimits,
-                 capture: StderrCapture | None = None) -> Decoded:
+                 capture: StderrCapture | None = None, want_region: bool = False) -> Decoded:
     """The whole check: header, size limit, completeness, reduced decode (with the decoder's warnings read
     through `capture` where the caller is single-threaded), quality, preprocessing."""
     header = read_header(data)
@@ -496,4 +500,11 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
     bgr = decode_pixels(data, header, k, capture)
     check_decoded_size(bgr, header, k)
     quality = measure_quality(bgr, limits)
-    return Decoded(header, k, preprocess_bgr(bgr, pre), quality)
+    region = None
+    if want_region and pre.resize == "lesion_crop":
+        h, w = bgr.shape[:2]
+        side = min(h, w)  # no lesion found: the centre square, as preprocess_bgr falls back to
+        x0, y0, x1, y1 = lesion_box(bgr, pre.lesion_margin, "BGR") or \
+            ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        region = (x0 / w, y0 / h, x1 / w, y1 / h)  # the same square preprocess_bgr cuts
+    return Decoded(header, k, preprocess_bgr(bgr, pre), quality, region)

@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-RESIZE_RULES = ("shorter_side_center_crop", "stretch")
+RESIZE_RULES = ("shorter_side_center_crop", "stretch", "lesion_crop")
 COLOR_CONSTANCY = ("none", "shades_of_gray")
 
 
@@ -30,12 +30,15 @@ class Preprocessing:
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     layout: str = "NCHW"
+    lesion_margin: float = 0.15   # resize "lesion_crop": margin around the lesion, a fraction of its size per side
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d.pop("extra")
+        if self.resize != "lesion_crop":  # manifests of the older rules stay as they were
+            d.pop("lesion_margin")
         return d
 
     @classmethod
@@ -46,6 +49,8 @@ class Preprocessing:
             raise ValueError(f"unknown resize rule {p.resize!r} in the bundle manifest; this agent knows {RESIZE_RULES}: upgrade the agent or rebuild the bundle")
         if p.color_constancy not in COLOR_CONSTANCY:
             raise ValueError(f"unknown color_constancy {p.color_constancy!r} in the bundle manifest; this agent knows {COLOR_CONSTANCY}")
+        if not (isinstance(p.lesion_margin, (int, float)) and 0 <= p.lesion_margin <= 2):
+            raise ValueError(f"lesion_margin {p.lesion_margin!r} in the bundle manifest must be a number from 0 to 2; rebuild the bundle")
         if p.color_order not in ("RGB", "BGR") or p.layout != "NCHW":
             raise ValueError(f"unsupported color_order/layout {p.color_order}/{p.layout} in the bundle manifest (RGB|BGR, NCHW)")
         return p
@@ -55,14 +60,21 @@ _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTE
 
 
 def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center_crop",
-                    interpolation: str = "area") -> np.ndarray:
+                    interpolation: str = "area", margin: float = 0.15, order: str = "RGB") -> np.ndarray:
     """Resize so the shorter side is `size`, then take the centred square.
 
     Dermoscopy frames put the lesion in the middle; cropping the long side
     keeps its aspect ratio, where stretching would distort shape features.
     Area interpolation when shrinking (anti-aliasing for 4000x3000 camera
-    images), `interpolation` when enlarging.
+    images), `interpolation` when enlarging. `lesion_crop` first cuts the
+    square around the lesion (`lesion.lesion_box`, `margin`; `order` is the
+    channel order, for the lightness) and falls back to the centre crop when
+    no lesion is found.
     """
+    if rule == "lesion_crop":
+        from .lesion import lesion_region
+
+        rgb, rule = lesion_region(rgb, margin, order), "shorter_side_center_crop"
     h, w = rgb.shape[:2]
     if rule == "stretch":
         return cv2.resize(rgb, (size, size), interpolation=_pick(interpolation, h * w > size * size))
@@ -130,9 +142,10 @@ def _planes_to_tensor(rgb: list[np.ndarray], pre: Preprocessing) -> np.ndarray:
 
 def preprocess(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Full contract: HxWx3 uint8 RGB of any size -> 3xSxS float32."""
-    return to_tensor(resize_and_crop(rgb, pre.input_size, pre.resize, pre.interpolation), pre)
+    return to_tensor(resize_and_crop(rgb, pre.input_size, pre.resize, pre.interpolation, pre.lesion_margin), pre)
 
 
 def preprocess_bgr(bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """`preprocess` for OpenCV's BGR order, without converting the full-size image to RGB first."""
-    return _planes_to_tensor(_planes(resize_and_crop(bgr, pre.input_size, pre.resize, pre.interpolation))[::-1], pre)
+    square = resize_and_crop(bgr, pre.input_size, pre.resize, pre.interpolation, pre.lesion_margin, order="BGR")
+    return _planes_to_tensor(_planes(square)[::-1], pre)

@@ -14,7 +14,8 @@ Every checkpoint is scored in FP32 with its own preprocessing (the agent's), on 
 source (all of it: never trained on) and on the training sources' test splits. Without
 `--holdout` (a model trained on every source) only the test splits are scored. `CKPT@SIZE`
 scores a checkpoint at another input size than it was trained at (e.g. `best.pt@224`): the
-train/test resolution discrepancy of random-resized-crop training makes that worth measuring. Differences are
+train/test resolution discrepancy of random-resized-crop training makes that worth measuring;
+`CKPT#lesion_crop` (or `#lesion_crop=0.3`, a margin) scores it on the square around the lesion. Differences are
 against the SECOND checkpoint when there are three or more (the first is usually the common
 starting point), else against the first.
 """
@@ -37,13 +38,19 @@ from edge_agent.calibration_math import bootstrap_ci, softmax  # noqa: E402
 
 
 def load_checkpoint(spec: str):
-    """`PATH` or `PATH@SIZE` (the same weights, scored at SIZE px)."""
+    """`PATH`, `PATH@SIZE` (the same weights, scored at SIZE px), `PATH#RULE` or `PATH#lesion_crop=MARGIN`
+    (scored with another resize rule), or both (`PATH@288#lesion_crop`)."""
     from build_model.export import load_checkpoint as load
     from edge_agent.preprocess import Preprocessing
 
+    spec, _, rule = spec.partition("#") if "#" in Path(spec).name else (spec, "", "")
     path, _, size = spec.rpartition("@") if "@" in Path(spec).name else (spec, "", "")
     model, state = load(Path(path), int(size) if size else None)
-    pre = Preprocessing.from_dict({**state["preprocessing"], **({"input_size": int(size)} if size else {})})
+    over: dict = {"input_size": int(size)} if size else {}
+    if rule:
+        name, _, margin = rule.partition("=")
+        over.update(resize=name, **({"lesion_margin": float(margin)} if margin else {}))
+    pre = Preprocessing.from_dict({**state["preprocessing"], **over})
     return model, pre, state["labels"]
 
 

@@ -94,7 +94,7 @@ def export(db: Path, out: Path, processed: Path, bundle: Path, trust: Any = None
                 r["why_no_heatmap"] = "no heatmap for this class"
                 continue
             thumb = cv2.imdecode(np.frombuffer(d.thumbnail, np.uint8), cv2.IMREAD_COLOR)  # our own JPEG
-            ok, buf = cv2.imencode(".jpg", overlay(thumb, m, 0.45, b.preprocessing.resize),
+            ok, buf = cv2.imencode(".jpg", overlay(thumb, m, 0.45, b.preprocessing.resize, d.region),
                                    [cv2.IMWRITE_JPEG_QUALITY, 85])
             if ok:
                 _write(out / "img" / f"{r['id']}-heat.jpg", buf.tobytes())

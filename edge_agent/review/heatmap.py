@@ -22,13 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from ..cam import class_activation_map, colorize, png_bytes
+from ..cam import class_activation_map, colorize, crop_box, png_bytes
 from .files import NotServable, open_inside
 from .imaging import decode_batch
 
 log = logging.getLogger(__name__)
 CACHE_ENTRIES = 256
 HEATMAP_SIDE = 256
+
+
+def framed(m: np.ndarray, region: tuple[float, float, float, float], long_side: int = 4 * HEATMAP_SIDE) -> np.ndarray:
+    """RGBA canvas with the photo's aspect ratio (the region is a square: its width over its height in
+    fractions gives height over width of the photo), transparent but for the map over the region."""
+    fw, fh = max(region[2] - region[0], 1e-3), max(region[3] - region[1], 1e-3)
+    aspect = fh / fw  # photo width / height
+    cw, ch = (long_side, max(1, round(long_side / aspect))) if aspect >= 1 else (max(1, round(long_side * aspect)), long_side)
+    x, y, w, h = crop_box(cw, ch, "lesion_crop", region)
+    canvas = np.zeros((ch, cw, 4), np.uint8)
+    canvas[y:y + h, x:x + w] = colorize(m, (w, h))
+    return canvas
 
 
 @dataclass
@@ -128,7 +140,7 @@ class Heatmaps:
         dec = decode_batch([(0, f)], b.preprocessing, self.max_pixels, want_thumb=False).get(0)
         if dec is None or dec.tensor is None:
             return Heatmap(None, f"no heatmap: {dec.error if dec else 'the image could not be decoded'}")
-        hm = self.from_tensor(dec.tensor, label)
+        hm = self.from_tensor(dec.tensor, label, dec.region)
         with self._lock:
             self._cache[key] = hm
             while len(self._cache) > CACHE_ENTRIES:
@@ -155,7 +167,11 @@ class Heatmaps:
         top = float(m.max())
         return (m / top).astype(np.float32) if top > 0 else m.astype(np.float32)
 
-    def from_tensor(self, tensor: np.ndarray, label: str) -> Heatmap:
+    def from_tensor(self, tensor: np.ndarray, label: str,
+                    region: tuple[float, float, float, float] | None = None) -> Heatmap:
+        """The map as a PNG: the model's square, or for a `lesion_crop` bundle (`region` given) a transparent
+        canvas of the photo's shape with the map where the lesion square was, since the page cannot know
+        where the crop fell without decoding the photo again."""
         try:
             m = self.cam(tensor, label)
         except Exception as e:  # noqa: BLE001 - a model error is a sentence on the page
@@ -164,4 +180,6 @@ class Heatmaps:
         if m is None:
             version = self._bundle.manifest.get("format_version", "?")
             return Heatmap(None, f"no heatmap: this bundle has no feature output (format {version})")
-        return Heatmap(png_bytes(colorize(m, (HEATMAP_SIDE, HEATMAP_SIDE))))
+        if region is None:
+            return Heatmap(png_bytes(colorize(m, (HEATMAP_SIDE, HEATMAP_SIDE))))
+        return Heatmap(png_bytes(framed(m, region)))

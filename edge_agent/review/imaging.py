@@ -35,6 +35,7 @@ class Decoded:
     tensor: np.ndarray | None  # 3xSxS float32 (preprocess contract), None if it failed
     thumbnail: bytes | None  # JPEG
     error: str = ""
+    region: tuple[float, float, float, float] | None = None  # decode.Decoded.region: where a lesion crop was cut
 
 
 def decode_batch(files: list[tuple[int, Any]], pre: Preprocessing, max_pixels: int = 64_000_000,
@@ -68,7 +69,9 @@ def decode_batch(files: list[tuple[int, Any]], pre: Preprocessing, max_pixels: i
                 m = json.loads(meta.read_text())
                 tensor = np.load(Path(tmp) / f"{k}.npy", allow_pickle=False) if m.get("tensor") else None
                 thumb = (Path(tmp) / f"{k}.jpg").read_bytes() if m.get("thumb") else None
-                out[k] = Decoded(tensor, thumb, str(m.get("error", "")))
+                region = m.get("region")
+                out[k] = Decoded(tensor, thumb, str(m.get("error", "")),
+                                 tuple(float(v) for v in region) if region else None)
             rest = [(k, f) for k, f in todo if k not in done_keys]
             if rest and died:  # the first unfinished one killed the worker: blame it, retry the others
                 k0 = rest[0][0]
@@ -120,9 +123,11 @@ def _worker(cfg: dict[str, Any]) -> None:
             if len(data) > MAX_FILE_BYTES:
                 raise Rejected("too_large", "the file is larger than the review app decodes")
             if cfg["tensor"]:
-                d = decode_image(data, pre, int(cfg["max_pixels"]), limits)
+                d = decode_image(data, pre, int(cfg["max_pixels"]), limits, want_region=True)
                 np.save(out / f"{key}.npy", d.tensor, allow_pickle=False)
                 meta["tensor"] = True
+                if d.region is not None:
+                    meta["region"] = list(d.region)
             if cfg["thumb"]:
                 h = read_header(data)
                 if h.width * h.height > int(cfg["max_pixels"]):

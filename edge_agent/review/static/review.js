@@ -13,13 +13,14 @@
   });
 
   // The heatmap covers the part of the photo the model saw (preprocess.resize_and_crop): the centred square of
-  // the shorter side, or the whole photo for the "stretch" rule.
+  // the shorter side, or the whole photo for the "stretch" rule; for "lesion_crop" the server sends a canvas
+  // of the photo's shape with the map where the lesion square was (review/heatmap.py framed), placed whole.
   function placeHeatmap() {
     var stage = document.getElementById("stage"), photo = document.getElementById("photo"),
         heat = document.getElementById("heatmap");
     if (!stage || !photo || !heat || !photo.naturalWidth) { return; }
     var w = photo.clientWidth, h = photo.clientHeight;
-    if (stage.dataset.rule === "stretch") {
+    if (stage.dataset.rule === "stretch" || stage.dataset.rule === "lesion_crop") {
       heat.style.left = "0px"; heat.style.top = "0px"; heat.style.width = w + "px"; heat.style.height = h + "px";
       return;
     }
