@@ -141,3 +141,13 @@ def test_the_agent_scans_with_a_lesion_crop_bundle_and_its_numbers_are_the_cropp
         assert r["p_mel"] == pytest.approx(p_mel(preprocess_bgr(bgr, b.preprocessing)), abs=1e-4)
         differs += abs(r["p_mel"] - p_mel(preprocess_bgr(bgr, centre))) > 1e-4
     assert differs  # the crop changed what the model saw, so the test tells the two rules apart
+
+
+def test_large_photos_are_decoded_finer_for_a_lesion_crop() -> None:
+    from edge_agent.decode import QualityLimits, decode_image
+
+    big = cv2.resize(frame(), (3200, 2400), interpolation=cv2.INTER_LINEAR)
+    data = cv2.imencode(".jpg", big)[1].tobytes()
+    plain = decode_image(data, Preprocessing(input_size=192), 64_000_000, QualityLimits())
+    crop = decode_image(data, Preprocessing(input_size=192, resize="lesion_crop"), 64_000_000, QualityLimits())
+    assert plain.reduction == 4 and crop.reduction == 2  # the lesion square (a fifth of the side) from real pixels
