@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from edge_agent.preprocess import RESIZE_RULES
+
 from .errors import ConfigError, DataError, DataNotFound
 from .train import TrainConfig, preprocessing_for
 
@@ -182,6 +184,9 @@ def _stages(path: Path, raw: Any, base: Path) -> list[Stage]:
         if kind == "quantize" and not isinstance(settings.get("reproducible", False), bool):
             raise ConfigError(_where(path, f"stage {i} (quantize): reproducible = {settings['reproducible']!r} should be "
                                            "true or false"))
+        if kind == "train" and settings.get("resize", RESIZE_RULES[0]) not in RESIZE_RULES:
+            raise ConfigError(_where(path, f"stage {i} (train {name!r}): resize = {settings['resize']!r}; one of "
+                                           f"{', '.join(RESIZE_RULES)}"))
         if kind == "validate" and settings.get("tta", "none") not in ("none", "hflip"):
             raise ConfigError(_where(path, f"stage {i} (validate): tta = {settings['tta']!r}; none or hflip"))
         stages.append(Stage(kind, name, settings))

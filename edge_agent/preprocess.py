@@ -75,6 +75,8 @@ def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center
         from .lesion import lesion_region
 
         rgb, rule = lesion_region(rgb, margin, order), "shorter_side_center_crop"
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; one of {RESIZE_RULES}")
     h, w = rgb.shape[:2]
     if rule == "stretch":
         return cv2.resize(rgb, (size, size), interpolation=_pick(interpolation, h * w > size * size))

@@ -127,6 +127,9 @@ def test_data_override_and_recipe_mistakes_are_one_line_errors(tmp_path: Path) -
     with pytest.raises(ConfigError, match="names no earlier train stage"):
         bad.write_text(TWO_STAGES.replace('init_from = "@previous"', 'init_from = "@nosuch"'))
         load_recipe(bad)
+    with pytest.raises(ConfigError, match="resize = 'zoom'; one of shorter_side_center_crop, stretch, lesion_crop"):
+        bad.write_text(TWO_STAGES.replace("image_size = 64", 'image_size = 64\nresize = "zoom"'))
+        load_recipe(bad)
     with pytest.raises(ConfigError, match="train stages come first"):
         bad.write_text(TWO_STAGES + '[[stage]]\nkind = "train"\nname = "late"\n')
         load_recipe(bad)
@@ -193,3 +196,13 @@ def test_the_shipped_recipe_makes_the_shipped_bundles_split() -> None:
     with open(ROOT / "edge_agent" / "bundle" / "split.csv", newline="") as f:
         shipped = {(r["source"], r["image_id"]): r["split"] for r in csv.DictReader(f)}
     assert len(ours) == len(shipped) == 11994 and ours == shipped
+
+
+def test_the_lesion_crop_candidate_recipe_continues_the_default_stage_on_the_lesion_square() -> None:
+    default = load_recipe(ROOT / "recipes" / "default.toml")
+    lesion = load_recipe(ROOT / "recipes" / "lesion-crop.toml")
+    final, crop = lesion.train_stages()
+    assert final.settings == default.train_stages()[0].settings  # the default stage, unchanged
+    assert crop.settings["init_from"] == "@final" and crop.settings["resize"] == "lesion_crop"
+    assert {k: v for k, v in crop.settings.items() if k not in ("init_from", "resize", "epochs", "lr", "warmup_epochs")} \
+        == {k: v for k, v in final.settings.items() if k not in ("epochs", "lr", "warmup_epochs")}
