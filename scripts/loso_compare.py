@@ -15,7 +15,8 @@ source (all of it: never trained on) and on the training sources' test splits. W
 `--holdout` (a model trained on every source) only the test splits are scored. `CKPT@SIZE`
 scores a checkpoint at another input size than it was trained at (e.g. `best.pt@224`): the
 train/test resolution discrepancy of random-resized-crop training makes that worth measuring;
-`CKPT#lesion_crop` (or `#lesion_crop=0.3`, a margin) scores it on the square around the lesion. Differences are
+`CKPT#lesion_crop` (or `#lesion_crop=0.3`, a margin) scores it on the square around the lesion;
+`'A|B'` scores the mean of A's and B's logits (two views of each image, e.g. `'CKPT|CKPT#lesion_crop'`). Differences are
 against the SECOND checkpoint when there are three or more (the first is usually the common
 starting point), else against the first.
 """
@@ -87,12 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
     images = [ds.image(int(i)) for i in idx]
     mel = ds.labels.index("mel")
 
+    logits: dict[str, np.ndarray] = {}
     probs: dict[str, np.ndarray] = {}
     for ck in a.checkpoints:
-        model, pre, labels = load_checkpoint(ck)
-        if labels != ds.labels:
-            raise SystemExit(f"{ck}: labels {labels} differ from the data's {ds.labels}")
-        probs[ck] = softmax(predict_logits(model, images, pre, batch=32))
+        for part in ck.split("|"):
+            if part not in logits:
+                model, pre, labels = load_checkpoint(part)
+                if labels != ds.labels:
+                    raise SystemExit(f"{part}: labels {labels} differ from the data's {ds.labels}")
+                logits[part] = predict_logits(model, images, pre, batch=32)
+        probs[ck] = softmax(np.mean([logits[part] for part in ck.split("|")], axis=0))
         print(f"scored {ck}", file=sys.stderr, flush=True)
 
     ref = a.reference or (a.checkpoints[1] if len(a.checkpoints) >= 3 else a.checkpoints[0])
@@ -137,7 +142,7 @@ def markdown(report: dict) -> str:
             if "mel_auc_minus_ref" in d:
                 dlo, dhi = d["mel_auc_minus_ref_ci"]
                 diff = f"{d['mel_auc_minus_ref']:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
-            lines.append(f"| {set_name} | `{ck}` | {d['mel_auc']:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | "
+            lines.append(f"| {set_name} | `{ck.replace('|', ' + ')}` | {d['mel_auc']:.3f} [{lo:.3f}, {hi:.3f}] | {diff} | "
                          f"{d['balanced_accuracy']:.3f} | {d['macro_auc']:.3f} |")
     return "\n".join(lines)
 
