@@ -40,7 +40,10 @@ def lesion_box(img: np.ndarray, margin: float = 0.15, order: str = "RGB") -> tup
     h, w = img.shape[:2]
     s = WORK_SIDE / max(h, w)
     sw, sh = max(8, round(w * s)), max(8, round(h * s))
-    small = cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA)
+    src = img
+    if min(h, w) > 4 * min(sh, sw):  # a camera original: subsample first, area-averaging 12 MP costs ~10 ms
+        src = cv2.resize(img, (4 * sw, 4 * sh), interpolation=cv2.INTER_NEAREST)
+    small = cv2.resize(src, (sw, sh), interpolation=cv2.INTER_AREA)
     light = cv2.cvtColor(small, cv2.COLOR_RGB2LAB if order == "RGB" else cv2.COLOR_BGR2LAB)[:, :, 0]
     light = cv2.GaussianBlur(light, (5, 5), 0)
     field = _visible_field(light)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Decode throughput: in-process decode_image (the old path) vs the memory-capped worker pool (the agent's).
 
-    python scripts/decode_throughput.py [--count 200] [--threads 2] [--sizes 1024x768,4000x3000]
+    python scripts/decode_throughput.py [--count 200] [--threads 2] [--sizes 1024x768,4000x3000] \
+        [--resize shorter_side_center_crop,lesion_crop]
 
 Images are the example dermoscopy photos resized to each size and JPEG-encoded
 (distinct content per image); `--threads` threads decode them, as the agent's
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,25 +81,32 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="1024x768,4000x3000")
+    ap.add_argument("--resize", default="shorter_side_center_crop",
+                    help="comma list of resize rules to compare side by side (e.g. shorter_side_center_crop,lesion_crop)")
     a = ap.parse_args()
-    pre = Preprocessing(input_size=192)
     limits = QualityLimits()
-    pool = DecodePool(a.threads, pre, 64_000_000, limits, 100 << 20)
-    pool.start()
-    t0 = time.perf_counter()
-    for _ in range(a.threads):
-        pool.decode(images((64, 48), 1)[0])  # waits for the workers to be ready
-    print(f"worker start-up (first decodes through the pool): {time.perf_counter() - t0:.2f} s")
-    pids = [w.proc.pid for w in pool.workers if w.proc is not None]
-    for spec in a.sizes.split(","):
-        w, h = (int(x) for x in spec.split("x"))
-        datas = images((w, h), a.count)
-        inproc, inproc_cpu = run(lambda d: decode_image(d, pre, 64_000_000, limits), datas, a.threads, [])
-        pooled, pooled_cpu = run(lambda d: pool.decode(d), datas, a.threads, pids)
-        print(f"{w}x{h}: in-process {inproc:.1f} images/s ({inproc_cpu:.2f} CPU ms/img), worker pool "
-              f"{pooled:.1f} images/s ({pooled_cpu:.2f} CPU ms/img; {(pooled_cpu / inproc_cpu - 1) * 100:+.0f}% CPU), "
-              f"{a.threads} threads/workers, {a.count} JPEGs")
-    pool.close()
+    rows = []
+    for rule in a.resize.split(","):
+        pre = Preprocessing(input_size=192, resize=rule)
+        pool = DecodePool(a.threads, pre, 64_000_000, limits, 100 << 20)
+        pool.start()
+        t0 = time.perf_counter()
+        for _ in range(a.threads):
+            pool.decode(images((64, 48), 1)[0])  # waits for the workers to be ready
+        print(f"{rule}: worker start-up (first decodes through the pool): {time.perf_counter() - t0:.2f} s")
+        pids = [w.proc.pid for w in pool.workers if w.proc is not None]
+        for spec in a.sizes.split(","):
+            w, h = (int(x) for x in spec.split("x"))
+            datas = images((w, h), a.count)
+            inproc, inproc_cpu = run(lambda d: decode_image(d, pre, 64_000_000, limits), datas, a.threads, [])
+            pooled, pooled_cpu = run(lambda d: pool.decode(d), datas, a.threads, pids)
+            rows.append(f"| {w}x{h} | {rule} | {inproc:.1f} | {inproc_cpu:.2f} | {pooled:.1f} | {pooled_cpu:.2f} "
+                        f"({(pooled_cpu / inproc_cpu - 1) * 100:+.0f}%) |")
+        pool.close()
+    print(f"\n{a.threads} threads/workers, {a.count} JPEGs per size\n")
+    print("| size | resize | in-process images/s | in-process CPU ms/img | worker pool images/s | worker pool CPU ms/img |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
