@@ -359,9 +359,6 @@ def count_frames(data: bytes, header: Header) -> int:
     return 1
 
 
-LESION_CROP_ZOOM = 2
-
-
 def reduction_for(header: Header, input_size: int) -> int:
     """Largest libjpeg scale-down that still leaves about twice the model's input size (OVERSAMPLE), and at
     least QUALITY_SIDE, on the short side."""
@@ -499,9 +496,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, limits: Quali
         raise Rejected("multiple_images", f"the {header.format.upper()} file holds {frames} {what} (an animation or "
                        "a multi-page document), but only a single still image can be screened - the others would "
                        f"be silently skipped; export each {what[:-1]} you want screened as its own JPEG or PNG")
-    # A lesion crop can keep a quarter of the frame's side: decode that much finer, so the square around a small
-    # lesion is cut from real pixels, not enlarged from a reduced decode.
-    k = reduction_for(header, pre.input_size * (LESION_CROP_ZOOM if pre.resize == "lesion_crop" else 1))
+    k = reduction_for(header, pre.source_size)
     bgr = decode_pixels(data, header, k, capture)
     check_decoded_size(bgr, header, k)
     quality = measure_quality(bgr, limits)

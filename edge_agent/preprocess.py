@@ -13,6 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .lesion import lesion_region
+
 RESIZE_RULES = ("shorter_side_center_crop", "stretch", "lesion_crop")
 COLOR_CONSTANCY = ("none", "shades_of_gray")
 
@@ -32,6 +34,13 @@ class Preprocessing:
     layout: str = "NCHW"
     lesion_margin: float = 0.15   # resize "lesion_crop": margin around the lesion, a fraction of its size per side
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source_size(self) -> int:
+        """The shorter side a decoder should keep an image at (before its oversampling): the input
+        size, doubled for `lesion_crop`, whose square can be a quarter of the frame's side - a small
+        lesion's square is then cut from real pixels, not enlarged from a reduced decode."""
+        return self.input_size * (2 if self.resize == "lesion_crop" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,8 +81,6 @@ def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center
     no lesion is found.
     """
     if rule == "lesion_crop":
-        from .lesion import lesion_region
-
         rgb, rule = lesion_region(rgb, margin, order), "shorter_side_center_crop"
     if rule not in RESIZE_RULES:
         raise ValueError(f"unknown resize rule {rule!r}; one of {RESIZE_RULES}")
