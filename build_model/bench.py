@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.benchstats import cpu_description, file_mb, latency_summary, peak_rss_mb, ratio, table
+from edge_agent.preprocess import flatten_views
 
 from .errors import BuildError
 
@@ -44,7 +45,9 @@ def worker(bundle: Path, engine: str, batch: int, iters: int, warmup: int, threa
            images: Path | None, checkpoint: Path | None) -> dict:
     x = load_inputs(bundle, images)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    xb = np.concatenate([x] * (batch // len(x) + 1))[:batch]
+    # A batch of `batch` images: with a multi-view bundle that is batch x views model inputs, so images/s
+    # counts what the agent screens, not what the model runs.
+    xb = flatten_views(np.concatenate([x] * (batch // len(x) + 1))[:batch])
     if engine == "torch-fp32":
         import torch
 

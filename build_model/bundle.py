@@ -65,7 +65,8 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     digests = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.name != "manifest.json"}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     manifest = {
-        "format_version": required_format_version({"tta": tta} | ({"features": 1} if format3 else {})),
+        "format_version": required_format_version({"tta": tta, "preprocessing": pre.to_dict()}
+                                                  | ({"features": 1} if format3 else {})),
         "model_id": f"{training.get('dataset_name', 'model')}-{arch}-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}",
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "build_command": build_command,

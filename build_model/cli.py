@@ -227,15 +227,34 @@ tta_option = click.option("--tta", type=click.Choice(["none", "hflip"]), default
                                "mirror; twice the inference cost); the gate, temperature and thresholds use it too")
 
 
+def _views(value: str | None) -> tuple[str, ...]:
+    views = tuple(v.strip() for v in (value or "").split(",") if v.strip())
+    bad = [v for v in views if v not in RESIZE_RULES]
+    if bad or len(views) == 1 or len(set(views)) != len(views):
+        raise click.BadParameter(f"{value!r}: two or more different resize rules, comma-separated, the first the "
+                                 f"trained model's resize (of {', '.join(RESIZE_RULES)}); or leave it out for one view",
+                                 param_hint="--views")
+    return views
+
+
+views_option = click.option(
+    "--views", default=None, metavar="RULE,RULE",
+    help="screen several views of each image and average their logits, e.g. shorter_side_center_crop,lesion_crop "
+         "(the centre square and the square around the lesion: docs/generalisation.md); one inference per view; "
+         "the gate, temperature, thresholds and OOD statistics use them too")
+
+
 @main.command()
 @with_options(common_train)
 @tta_option
-def validate(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, tta: str) -> None:
+@views_option
+def validate(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, tta: str, views: str | None) -> None:
     """Gate INT8 against FP32 on the test split; fit temperature and review thresholds on validation."""
     from .stages import validate as run
 
+    views_t = _views(views)
     ds, split, work = _stage_args(data, out, workdir, seed)
-    run(ds, split, work, _log, seed, tta=tta)
+    run(ds, split, work, _log, seed, tta=tta, views=views_t)
 
 
 @main.command()
@@ -264,13 +283,14 @@ def bundle(data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, si
 @reproducible_option
 @signing_key_option
 @tta_option
+@views_option
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
               help="a TOML recipe (data sources, every stage and its settings; e.g. recipes/default.toml, the default "
                    "bundle's): runs its stages instead of the options here; --data NAME=PATH replaces a source")
 @click.pass_context
 def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | None, seed: int, no_resume: bool,
         calib_size: int, qat_epochs: int, qat_lr: float, adaround_iters: int, reproducible: bool,
-        signing_key: Path | None, tta: str, recipe_path: Path | None, **kw) -> None:
+        signing_key: Path | None, tta: str, views: str | None, recipe_path: Path | None, **kw) -> None:
     """Run every stage: train, [QAT,] export, quantize, validate, bundle (each resumes or redoes its part)."""
     from dataclasses import replace
 
@@ -281,6 +301,9 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
         _run_recipe(ctx, recipe_path, data, out, workdir, no_resume, signing_key)
         return
     cfg = make_config(seed, kw)
+    views_t = _views(views)
+    if views_t and views_t[0] != cfg.resize:
+        raise click.BadParameter(f"the first view must be the model's --resize {cfg.resize!r}", param_hint="--views")
     ds, split = data_and_split(data, out, seed)
     work = workdir_for(out, workdir)
     _padding(work, cfg.image_size)
@@ -302,18 +325,18 @@ def all(ctx: click.Context, data: tuple[str, ...], out: Path, workdir: Path | No
     from .recipe import options_recipe, stage_records
 
     recipe = options_recipe(data, _SOURCES["label_map"], _SOURCES["holdout"], _SOURCES["drop_small"], seed, trains,
-                            calib_size, adaround_iters, tta, reproducible)
+                            calib_size, adaround_iters, tta, reproducible, views_t)
     records = stage_records(recipe, out, workdirs, dict(trains), signing_key)
     stages.export(ds, split, work, _log)
     stages.quantize_stage(ds, split, work, _log, calib_size, seed, adaround_iters=adaround_iters,
                           reproducible=reproducible)
-    stages.validate(ds, split, work, _log, seed, tta=tta)
+    stages.validate(ds, split, work, _log, seed, tta=tta, views=views_t)
     stages.bundle(ds, split, work, out, _command_line(), _log, signing_key=signing_key,
                   training_extra={"recipe": recipe.record(), "stages": records})
     _verify_or_exit(out, signing_key=signing_key)
 
 
-RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "reproducible", "tta", "label_map", "holdout",
+RECIPE_OWNS = ("seed", "calib_size", "qat_epochs", "qat_lr", "adaround_iters", "reproducible", "tta", "views", "label_map", "holdout",
                "drop_small")
 
 

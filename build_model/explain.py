@@ -27,6 +27,7 @@ import numpy as np
 
 from edge_agent import ood as ood_mod
 from edge_agent.features import HEAD_FILE, pool
+from edge_agent.preprocess import flatten_views, mean_over_views
 
 FEATURES = "features"
 OOD_FILE = "ood.npz"
@@ -115,7 +116,12 @@ def _session(path: Path, threads: int):
 
 
 def run_with_features(sess, x: np.ndarray, tta: str = "none", batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and pooled features, as edge_agent.infer computes them (TTA: mean of both views)."""
+    """Logits and pooled features, as edge_agent.infer computes them (TTA: mean of both views; a multi-view
+    bundle's N x V x 3 x S x S batch: mean over its views)."""
+    if x.ndim == 5:
+        lo, fe = run_with_features(sess, np.ascontiguousarray(flatten_views(x)), tta, batch)
+        return mean_over_views(lo, x.shape[1]), mean_over_views(fe, x.shape[1])
+
     def once(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo, fm = sess.run(["logits", FEATURES], {"input": xb})
         return lo, pool(fm)
@@ -144,7 +150,7 @@ def decode_tensors(paths: list[Path], pre, threads: int = 2) -> tuple[np.ndarray
     with ThreadPoolExecutor(max(1, threads)) as ex:
         got = list(ex.map(one, paths))
     keep = [i for i, t in enumerate(got) if t is not None]
-    shape = (0, 3, pre.input_size, pre.input_size)
+    shape = (0, *((pre.n_views,) if pre.views else ()), 3, pre.input_size, pre.input_size)
     return (np.stack([got[i] for i in keep]).astype(np.float32) if keep else np.zeros(shape, np.float32)), keep
 
 
@@ -239,7 +245,7 @@ def format3_from_tensors(models: dict[str, Path], work: Path, train_x: np.ndarra
         raise ExplainError(f"the classifier has {w.shape[0]} outputs but the bundle {len(labels)} labels")
     with open(work / HEAD_FILE, "wb") as f:
         np.savez(f, weight=w, bias=b)
-    _check_same_logits(models, new, val_x[:64], threads)
+    _check_same_logits(models, new, np.ascontiguousarray(flatten_views(val_x[:64])), threads)
     stats, block = fit_ood(new, train_x, train_y, val_x, tta, quantile, threads, log)
     ood_mod.save(work / OOD_FILE, stats)
     files = {f"model.{v}.onnx": p for v, p in new.items()} | {HEAD_FILE: work / HEAD_FILE, OOD_FILE: work / OOD_FILE}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent.preprocess import Preprocessing, preprocess
+from edge_agent.preprocess import Preprocessing, flatten_views, preprocess
 
 from .model import EfficientNetLite0
 
@@ -126,7 +126,7 @@ def run_onnx(sess, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def parity(model: torch.nn.Module, onnx_path: Path, images: list[np.ndarray], pre: Preprocessing) -> dict:
     """Max |logit difference| and top-1 agreement vs PyTorch, at batch sizes 1, 2 and 8."""
-    x = np.stack([preprocess(im, pre) for im in images]).astype(np.float32)
+    x = flatten_views(np.stack([preprocess(im, pre) for im in images])).astype(np.float32)  # each view a model input
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     sess = session(onnx_path)

@@ -55,7 +55,7 @@ STAGE_KEYS = {
     "train": {f.name for f in fields(TrainConfig)},
     "export": set(),
     "quantize": {"calib_size", "adaround_iters", "reproducible"},
-    "validate": {"tta"},
+    "validate": {"tta", "views"},
     "bundle": set(),
 }
 TOP_KEYS = {"name", "description", "seed", "base", "data", "options", "stage"}
@@ -189,6 +189,13 @@ def _stages(path: Path, raw: Any, base: Path) -> list[Stage]:
                                            f"{', '.join(RESIZE_RULES)}"))
         if kind == "validate" and settings.get("tta", "none") not in ("none", "hflip"):
             raise ConfigError(_where(path, f"stage {i} (validate): tta = {settings['tta']!r}; none or hflip"))
+        if kind == "validate" and "views" in settings:
+            views = settings["views"]
+            if not (isinstance(views, list) and all(v in RESIZE_RULES for v in views)
+                    and (not views or len(set(views)) == len(views) >= 2)):
+                raise ConfigError(_where(path, f"stage {i} (validate): views = {views!r} should be a list of two or "
+                                               f"more different resize rules ({', '.join(RESIZE_RULES)}), the first "
+                                               "the train stage's resize, or [] for one view"))
         stages.append(Stage(kind, name, settings))
     names = [s.name for s in stages]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -232,6 +239,8 @@ def train_config(stage: Stage, seed: int, work: Path) -> TrainConfig:
 
 def _flag(name: str, value: Any) -> list[str]:
     flag = "--" + name.replace("_", "-")
+    if isinstance(value, list):  # views: one comma-separated value ([] = the option left out)
+        return [flag, ",".join(map(str, value))] if value else []
     if isinstance(value, bool):
         return [flag if value else "--no-" + name.replace("_", "-")]
     return [flag, str(value)]
@@ -290,7 +299,7 @@ def run_recipe(recipe: Recipe, ds, split, out: Path, work: Path, log: Log, *, pa
     st.export(ds, split, last_work, log)
     st.quantize_stage(ds, split, last_work, log, q["calib_size"], recipe.seed, adaround_iters=q["adaround_iters"],
                       reproducible=q.get("reproducible", False))
-    st.validate(ds, split, last_work, log, recipe.seed, tta=v["tta"])
+    st.validate(ds, split, last_work, log, recipe.seed, tta=v["tta"], views=tuple(v.get("views", ())))
     return st.bundle(ds, split, last_work, out, build_command, log, signing_key=signing_key,
                      training_extra={"recipe": recipe.record(), "stages": records})
 
@@ -311,7 +320,7 @@ def _key(k: str) -> str:
 
 def options_recipe(data: tuple[str, ...], label_map: tuple[str, ...], holdout: str | None, drop_small: bool, seed: int,
                    trains: list[tuple[str, TrainConfig]], calib_size: int, adaround_iters: int, tta: str,
-                   reproducible: bool = False) -> Recipe:
+                   reproducible: bool = False, views: tuple[str, ...] = ()) -> Recipe:
     """The recipe equivalent to a plain `build-model all ...` command line (so its manifest has one too).
 
     Why: a bundle built from flags must be as reproducible as one built from a file; its manifest then
@@ -341,7 +350,8 @@ def options_recipe(data: tuple[str, ...], label_map: tuple[str, ...], holdout: s
     if reproducible:
         q_settings["reproducible"] = True
     tail = [Stage("export", "export"), Stage("quantize", "quantize", q_settings),
-            Stage("validate", "validate", {"tta": tta}), Stage("bundle", "bundle")]
+            Stage("validate", "validate", {"tta": tta, **({"views": list(views)} if views else {})}),
+            Stage("bundle", "bundle")]
     for s in tail[1:]:
         lines += ["", "[[stage]]", f'kind = "{s.kind}"'] + [f"{k} = {_toml_value(v)}" for k, v in s.settings.items()]
     text = "\n".join(lines) + "\n"

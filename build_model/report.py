@@ -18,13 +18,14 @@ def confusion_md(cm: list[list[int]], labels: list[str]) -> str:
 
 def render(*, model_id_hint: str, labels: list[str], cmp: dict, gate: dict, thresholds: dict, calib: dict,
            quant: dict, parity: dict, padding: dict, training: dict, primary: str, citation: str, license_text: str,
-           sources: dict | None = None) -> str:
+           sources: dict | None = None, screening: str = "") -> str:
     f, q = cmp["fp32"], cmp["int8"]
     out = [f"# Model report: {model_id_hint}", "",
            "Decision support for dermoscopy triage, **not a diagnostic device**. Every number below is measured on the "
            "lesion-grouped **test split** (no lesion of it was seen in training, validation, calibration or threshold "
            "choice) unless it says otherwise.", "",
            f"Shipped primary model: **{primary.upper()}**. Gate: **{'APPROVED' if gate['approved'] else 'REJECTED'}** - {gate['reason']}", "",
+           *([f"Each image is screened as {screening}; every number below is of that arithmetic.", ""] if screening else []),
            "## FP32 vs INT8 (test split)", "",
            _table(["metric", "FP32", "INT8"], [
                ["accuracy", _pct(f["accuracy"]), _pct(q["accuracy"])],

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge_agent.preprocess import Preprocessing, preprocess
+from edge_agent.preprocess import Preprocessing, flatten_views, mean_over_views, preprocess
 
 from .errors import BuildError
 from . import gate as gate_mod
@@ -164,15 +164,29 @@ def _adaround(ds: Dataset, split: np.ndarray, work: Path, log: Log, pre: Preproc
     return {"iters": iters, "images": int(len(fit)), "seconds": round(time.time() - t0, 1), "layers": layers}
 
 
-def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0, tta: str = "none") -> dict:
+def with_views(pre: Preprocessing, views: tuple[str, ...] | list[str]) -> Preprocessing:
+    """`pre` screening several views (edge_agent.preprocess), checked as the agent checks a manifest."""
+    if not views:
+        return pre
+    try:
+        return Preprocessing.from_dict(pre.to_dict() | {"views": list(views)})
+    except ValueError as e:
+        raise BuildError(f"--views {','.join(views)}: {e}") from None
+
+
+def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0, tta: str = "none",
+             views: tuple[str, ...] = ()) -> dict:
     """Gate on the test split with fallbacks; then fit temperature and thresholds for the primary variant.
 
     With `tta="hflip"` every model is judged, calibrated and thresholded on the mean of the image's
-    and its mirror image's logits, which is what the agent computes for such a bundle.
+    and its mirror image's logits, which is what the agent computes for such a bundle; with `views`
+    (resize rules, the first the checkpoint's) on the mean over those views of each image.
     """
+    plain = tta == "none" and not views
     need(work, "validate", "best.pt", "model.fp32.onnx", "quantize.json", "model.int8.onnx",
-         *(("logits.fp32.val.npy",) if tta == "none" else ()))
+         *(("logits.fp32.val.npy",) if plain else ()))
     pre, _ = checkpoint_pre(work)
+    pre = with_views(pre, views)
     quant = _read(work / "quantize.json")
     te, va = np.flatnonzero(split == "test"), np.flatnonzero(split == "val")
     xt, yt, yv = tensors(ds, te, pre), ds.y[te], ds.y[va]
@@ -181,7 +195,7 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
         return run_tta(sess, x, tta)
 
     f_test = run_onnx(session(work / "model.fp32.onnx"), xt)
-    f_val = np.load(work / "logits.fp32.val.npy") if tta == "none" else \
+    f_val = np.load(work / "logits.fp32.val.npy") if plain else \
         run_onnx(session(work / "model.fp32.onnx"), tensors(ds, va, pre))
     labels = ds.labels
     tried: list[str] = []
@@ -210,7 +224,7 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     # starts at the input), then the tensors with the worst quantization noise.
     if not approved:
         best = next(c for c in quant["candidates"] if c["name"] == quant["chosen"])
-        calib = tensors(ds, calibration_indices(ds.y, split, quant["calibration_images"], seed), pre)
+        calib = flatten_views(tensors(ds, calibration_indices(ds.y, split, quant["calibration_images"], seed), pre))
         base = Candidate(best["method"], best["reduce_range"], adaround=best.get("adaround", False),
                          reproducible=best.get("reproducible", False))
         convs = conv_names(base.source(work))
@@ -267,7 +281,7 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
             "mel_sensitivity_at_threshold": cmp.get("mel_sensitivity_at_threshold"),
             "test": {v: {k: cmp[v][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc")} |
                      {"mel_sensitivity": cmp[v]["per_class"].get("mel", {}).get("sensitivity")} for v in ("fp32", "int8")}}
-    result = {"gate": gate, "primary": primary, "tta": tta, **fin}
+    result = {"gate": gate, "primary": primary, "tta": tta, **({"views": list(views)} if views else {}), **fin}
     if len(ds.sources) > 1:  # the report's "other sources": each source's own test split, shipped variant
         from .evaluate import evaluate_source
 
@@ -291,10 +305,23 @@ def validate(ds: Dataset, split: np.ndarray, work: Path, log: Log, seed: int = 0
     return result
 
 
+def screening(pre: Preprocessing, tta: str) -> str:
+    """How the agent screens an image with this bundle, in words, for report.md ('' for one plain view)."""
+    parts = []
+    if pre.views:
+        parts.append("the mean of the logits of " + " and ".join(f"the `{v}` square" for v in pre.views))
+    if tta == "hflip":
+        parts.append("the mean with the mirror image's logits (flip TTA)")
+    return "; ".join(parts)
+
+
 def run_tta(sess, x: np.ndarray, tta: str = "none") -> np.ndarray:
-    """`export.run_onnx`, averaged with the mirror image's logits for a flip-TTA bundle (as edge_agent.infer does)."""
+    """`export.run_onnx`, averaged with the mirror image's logits for a flip-TTA bundle and over the views of a
+    multi-view one (an N x V x 3 x S x S batch), as edge_agent.infer does."""
     from .export import run_onnx as plain
 
+    if x.ndim == 5:
+        return mean_over_views(run_tta(sess, np.ascontiguousarray(flatten_views(x)), tta), x.shape[1])
     if tta == "none":
         return plain(sess, x)
     if tta != "hflip":
@@ -343,6 +370,7 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
     need(work, "bundle", "best.pt", "model.fp32.onnx", "export.json", "quantize.json", "model.int8.onnx", "validate.json")
     pre, ck = checkpoint_pre(work)
     val, quant, par = _read(work / "validate.json"), _read(work / "quantize.json"), _read(work / "export.json")
+    pre = with_views(pre, val.get("views", ()))  # validated, calibrated and shipped on the same views
     training = training_summary(ds, split, ck, work)
     training.update(training_extra or {})
     license_text, citation = license_and_citation(ds)
@@ -350,7 +378,8 @@ def bundle(ds: Dataset, split: np.ndarray, work: Path, out: Path, build_command:
     md = render(model_id_hint=f"{training['dataset_name']} EfficientNet-{arch.title()} {pre.input_size}px", labels=ds.labels,
                 cmp=val["comparison"], gate=val["gate"], thresholds=val["thresholds"], calib=val["calibration"],
                 quant=quant, parity=par, padding=training["padding_check"], training=training,
-                primary=val["primary"], citation=citation, license_text=license_text, sources=val.get("sources"))
+                primary=val["primary"], citation=citation, license_text=license_text, sources=val.get("sources"),
+                screening=screening(pre, val.get("tta", "none")))
     split_csv = work / "split.csv"
     shutil.copyfile(out / "split.csv", split_csv) if (out / "split.csv").exists() else None
     from .explain import format3_for_build

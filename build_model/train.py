@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edge_agent.lesion import lesion_region
-from edge_agent.preprocess import Preprocessing, preprocess, to_tensor
+from edge_agent.preprocess import Preprocessing, flatten_views, mean_over_views, preprocess, to_tensor
 
 from .errors import BuildError
 from .augment import AugmentConfig, augment, augment_v2
@@ -183,13 +183,15 @@ def predict_logits(model: torch.nn.Module, images: list[np.ndarray] | np.ndarray
     out = []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
-        x = torch.from_numpy(chunk if isinstance(chunk, np.ndarray) else np.stack([preprocess(im, pre) for im in chunk]))
+        x = chunk if isinstance(chunk, np.ndarray) else np.stack([preprocess(im, pre) for im in chunk])
+        views = x.shape[1] if x.ndim == 5 else 1  # a multi-view preprocessing: the mean over its views
+        x = torch.from_numpy(np.ascontiguousarray(flatten_views(x)))
         x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(x).float()
             if tta == "hflip":
                 logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu().numpy())
+        out.append(mean_over_views(logits.cpu().numpy(), views))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -256,7 +258,7 @@ def train(ds: Dataset, split: np.ndarray, workdir: Path, cfg: TrainConfig, pre: 
         rounded = prepare(model, FP32_FIRST_CONVS, cfg.qat_percentile if cfg.qat_percentile < 100 else None)
         pos = {int(g): i for i, g in enumerate(tr)}
         cal = calibration_indices(ds.y, split, CALIB_SIZE, cfg.seed)
-        cal_x = torch.from_numpy(np.stack([preprocess(tr_raw[pos[int(g)]], pre) for g in cal]))
+        cal_x = torch.from_numpy(flatten_views(np.stack([preprocess(tr_raw[pos[int(g)]], pre) for g in cal])))
         log(f"QAT: {len(rounded)} convolutions round their weights; activation ranges from {len(cal)} calibration images")
     model = model.to(dev).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

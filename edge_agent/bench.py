@@ -331,7 +331,7 @@ def naive_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
 
     from .infer import quiet_onnxruntime
-    from .preprocess import Preprocessing, preprocess
+    from .preprocess import Preprocessing, flatten_views, preprocess
 
     quiet_onnxruntime()  # the baseline's speed, without onnxruntime's per-load warnings in the report
     bundle = Path(spec["model"])
@@ -354,8 +354,8 @@ def naive_worker(spec: dict[str, Any]) -> dict[str, Any]:
     for path in files:
         t = time.perf_counter()
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-        x = preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pre)[None]
-        logits = sess.run([outp], {inp: x})[0][0]
+        x = flatten_views(preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pre)[None])
+        logits = sess.run([outp], {inp: x})[0].mean(0)  # one row, or the mean of a multi-view bundle's views
         p = np.exp(logits - logits.max())
         p /= p.sum()
         k = int(p.argmax())

@@ -43,7 +43,9 @@ if TYPE_CHECKING:  # imported lazily: preprocess pulls in OpenCV and signing the
 # other numbers than the bundle's report (or silently skipping its OOD check).
 # Version 4: the `lesion_crop` resize rule (preprocessing.resize; lesion.py): an older agent would
 # refuse the rule by name anyway, but the version says it before any image is read.
-FORMAT_VERSION = 4
+# Version 5: preprocessing.views (several resize rules per image, logits averaged, preprocess.py):
+# an older agent would silently screen the first view only - other numbers than the report's.
+FORMAT_VERSION = 5
 TTA_MODES = ("none", "hflip")
 MANIFEST = "manifest.json"
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -263,6 +265,8 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
 def required_format_version(manifest: dict[str, Any]) -> int:
     """The lowest format version that has every feature this manifest uses (the builder writes this)."""
     pre = manifest.get("preprocessing")
+    if isinstance(pre, dict) and pre.get("views"):
+        return 5
     if isinstance(pre, dict) and pre.get("resize") == "lesion_crop":
         return 4
     if "features" in manifest or "ood" in manifest:
@@ -304,6 +308,8 @@ def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
         used = [k for k in ("tta", "features", "ood") if k in m and m[k] != "none"]
         if required_format_version(m) == 4:
             used.append("the lesion_crop resize rule")
+        if required_format_version(m) == 5:
+            used.append("several preprocessing views")
         err(f"manifest uses {', '.join(used)} (format version {required_format_version(m)}) but declares "
             f"format_version {m.get('format_version')}; older agents would ignore it: rebuild the bundle with a "
             "current build-model")

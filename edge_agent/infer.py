@@ -19,6 +19,7 @@ import onnxruntime as ort
 from .bundle import Bundle, BundleError
 from .config import ConfigError
 from .features import check_maps, pool
+from .preprocess import flatten_views, mean_over_views
 
 log = logging.getLogger(__name__)
 ORT_LOG_ERROR = 3  # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
@@ -134,7 +135,16 @@ class Engine:
 
     def _run(self, sess: ort.InferenceSession, x: np.ndarray, pooled: bool = False
              ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits, and with `pooled` (format-3 bundles) the pooled features, averaged over the TTA views."""
+        """Logits, and with `pooled` (format-3 bundles) the pooled features, averaged over the views of a
+        multi-view bundle (an N x V x 3 x S x S batch, preprocess.py) and over the TTA views."""
+        if x.ndim == 5:
+            v = x.shape[1]
+            logits, f = self._run_tta(sess, np.ascontiguousarray(flatten_views(x)), pooled)
+            return mean_over_views(logits, v), None if f is None else mean_over_views(f, v)
+        return self._run_tta(sess, x, pooled)
+
+    def _run_tta(self, sess: ort.InferenceSession, x: np.ndarray, pooled: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         if self.bundle.tta == "hflip":
             # One batch of 2N (image and mirror image), then the mean of the two logits per image:
             # the arithmetic the build evaluated and calibrated (build_model/train.predict_logits).

@@ -33,27 +33,54 @@ class Preprocessing:
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     layout: str = "NCHW"
     lesion_margin: float = 0.15   # resize "lesion_crop": margin around the lesion, a fraction of its size per side
+    # Several views of one image (resize rules, the first = `resize`), whose logits are averaged: the
+    # centre square keeps the lesion's size in the dermatoscope's field, the lesion square fixes the scale
+    # when the lesion is small in its frame (docs/generalisation.md). Empty: the one view `resize`.
+    views: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The resize rule of each view the model sees, in tensor order."""
+        return self.views or (self.resize,)
+
+    @property
+    def n_views(self) -> int:
+        return len(self.rules)
 
     @property
     def source_size(self) -> int:
         """The shorter side a decoder should keep an image at (before its oversampling): the input
         size, doubled for `lesion_crop`, whose square can be a quarter of the frame's side - a small
         lesion's square is then cut from real pixels, not enlarged from a reduced decode."""
-        return self.input_size * (2 if self.resize == "lesion_crop" else 1)
+        return self.input_size * (2 if "lesion_crop" in self.rules else 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d.pop("extra")
-        if self.resize != "lesion_crop":  # manifests of the older rules stay as they were
+        if "lesion_crop" not in self.rules:  # manifests of the older rules stay as they were
             d.pop("lesion_margin")
+        if self.views:
+            d["views"] = list(self.views)
+        else:
+            d.pop("views")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
-        p = cls(**{**known, "mean": tuple(d.get("mean", cls.mean)), "std": tuple(d.get("std", cls.std))})
+        views = d.get("views", ())
+        if not (isinstance(views, (list, tuple)) and all(isinstance(v, str) for v in views)):
+            raise ValueError(f"preprocessing views {views!r} in the bundle manifest must be a list of resize rules; rebuild the bundle")
+        p = cls(**{**known, "mean": tuple(d.get("mean", cls.mean)), "std": tuple(d.get("std", cls.std)),
+                   "views": tuple(views)})
+        if p.views and (len(p.views) < 2 or len(set(p.views)) != len(p.views) or p.views[0] != p.resize):
+            raise ValueError(f"preprocessing views {list(p.views)} in the bundle manifest must name two or more different "
+                             f"resize rules, the first being resize {p.resize!r}; rebuild the bundle")
+        for rule in p.views:
+            if rule not in RESIZE_RULES:
+                raise ValueError(f"unknown resize rule {rule!r} in the bundle manifest's views; this agent knows {RESIZE_RULES}: upgrade the agent or rebuild the bundle")
         if p.resize not in RESIZE_RULES:
             raise ValueError(f"unknown resize rule {p.resize!r} in the bundle manifest; this agent knows {RESIZE_RULES}: upgrade the agent or rebuild the bundle")
         if p.color_constancy not in COLOR_CONSTANCY:
@@ -150,11 +177,31 @@ def _planes_to_tensor(rgb: list[np.ndarray], pre: Preprocessing) -> np.ndarray:
 
 
 def preprocess(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """Full contract: HxWx3 uint8 RGB of any size -> 3xSxS float32."""
-    return to_tensor(resize_and_crop(rgb, pre.input_size, pre.resize, pre.interpolation, pre.lesion_margin), pre)
+    """Full contract: HxWx3 uint8 RGB of any size -> 3xSxS float32, or Vx3xSxS with several views."""
+    views = [to_tensor(resize_and_crop(rgb, pre.input_size, rule, pre.interpolation, pre.lesion_margin), pre)
+             for rule in pre.rules]
+    return np.stack(views) if pre.views else views[0]
 
 
 def preprocess_bgr(bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """`preprocess` for OpenCV's BGR order, without converting the full-size image to RGB first."""
-    square = resize_and_crop(bgr, pre.input_size, pre.resize, pre.interpolation, pre.lesion_margin, order="BGR")
-    return _planes_to_tensor(_planes(square)[::-1], pre)
+    views = [_planes_to_tensor(_planes(resize_and_crop(bgr, pre.input_size, rule, pre.interpolation,
+                                                       pre.lesion_margin, order="BGR"))[::-1], pre)
+             for rule in pre.rules]
+    return np.stack(views) if pre.views else views[0]
+
+
+def first_view(tensor: np.ndarray) -> np.ndarray:
+    """The 3xSxS tensor of the first view (the `resize` rule's), for what explains one square (heatmaps)."""
+    return tensor[0] if tensor.ndim == 4 else tensor
+
+
+def flatten_views(x: np.ndarray) -> np.ndarray:
+    """An N x V x 3 x S x S batch as (N*V) x 3 x S x S (image-major), for a model that takes one view each;
+    a 4-D batch is returned as it is."""
+    return x.reshape(-1, *x.shape[2:]) if x.ndim == 5 else x
+
+
+def mean_over_views(out: np.ndarray, n_views: int) -> np.ndarray:
+    """The per-image mean of image-major (N*V) x K outputs: what a multi-view bundle screens on."""
+    return out if n_views == 1 else out.reshape(-1, n_views, *out.shape[1:]).mean(1)

@@ -2,7 +2,7 @@
 """Decode throughput: in-process decode_image (the old path) vs the memory-capped worker pool (the agent's).
 
     python scripts/decode_throughput.py [--count 200] [--threads 2] [--sizes 1024x768,4000x3000] \
-        [--resize shorter_side_center_crop,lesion_crop]
+        [--resize shorter_side_center_crop,lesion_crop,shorter_side_center_crop+lesion_crop]
 
 Images are the example dermoscopy photos resized to each size and JPEG-encoded
 (distinct content per image); `--threads` threads decode them, as the agent's
@@ -82,12 +82,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="1024x768,4000x3000")
     ap.add_argument("--resize", default="shorter_side_center_crop",
-                    help="comma list of resize rules to compare side by side (e.g. shorter_side_center_crop,lesion_crop)")
+                    help="comma list of resize rules to compare side by side (e.g. shorter_side_center_crop,lesion_crop); "
+                         "A+B: a two-view bundle's preprocessing (both squares of each image)")
     a = ap.parse_args()
     limits = QualityLimits()
     rows = []
     for rule in a.resize.split(","):
-        pre = Preprocessing(input_size=192, resize=rule)
+        views = tuple(rule.split("+"))
+        pre = Preprocessing(input_size=192, resize=views[0], views=views if len(views) > 1 else ())
         pool = DecodePool(a.threads, pre, 64_000_000, limits, 100 << 20)
         pool.start()
         t0 = time.perf_counter()

@@ -148,3 +148,37 @@ def test_a_kill_between_the_last_step_and_its_validation_is_validated_on_resume(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 1:" in r.stderr and (work / "best.pt").exists()
     assert [h["epoch"] for h in torch.load(work / "last.pt", weights_only=False)["state"]["history"]] == [1]
+
+
+def test_validate_and_bundle_with_two_views_ship_a_format_5_bundle(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--views`: the gate, temperature, thresholds and OOD statistics on the mean over both views, shipped in
+    the manifest the agent reads (a copy of the built workdir, so the other tests keep theirs)."""
+    import shutil
+
+    from tests.test_build_errors import one_line_error
+
+    out0, work0 = built
+    data, out, work = out0.parent / "ham", tmp_path / "bundle", tmp_path / "bundle.work"
+    shutil.copytree(out0, out)
+    shutil.copytree(work0, work)
+    args = ["--data", str(data), "--out", str(out), "--workdir", str(work)]
+    line = one_line_error(cli("validate", *args, "--views", "lesion_crop,shorter_side_center_crop"))
+    assert "the first being resize 'shorter_side_center_crop'" in line
+    line = one_line_error(cli("validate", *args, "--views", "lesion_crop"), 2)
+    assert "two or more different resize rules" in line
+    r = cli("validate", *args, "--views", "shorter_side_center_crop,lesion_crop")
+    assert r.returncode == 0, r.stderr[-4000:]
+    val, val0 = (json.loads((w / "validate.json").read_text()) for w in (work, work0))
+    assert val["views"] == ["shorter_side_center_crop", "lesion_crop"] and "views" not in val0
+    assert val["temperature"] != val0["temperature"]  # calibrated on the two views' mean, not the one view
+    r = cli("bundle", *args, "--signing-key", str(TEST_PRIVATE_KEY))
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = verify_bundle(out)
+    assert rep.ok, rep.errors
+    assert rep.manifest["format_version"] == 5
+    assert rep.manifest["preprocessing"]["views"] == ["shorter_side_center_crop", "lesion_crop"]
+    b = load_bundle(out)
+    assert b.preprocessing.n_views == 2 and b.ood is not None
+    old = json.loads((out0 / "manifest.json").read_text())
+    assert old["ood"]["thresholds"] != rep.manifest["ood"]["thresholds"]  # refitted on the mean of both views
+    assert "the `shorter_side_center_crop` square and the `lesion_crop` square" in (out / "report.md").read_text()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..cam import class_activation_map, colorize, crop_box, png_bytes
+from ..preprocess import first_view
 from .files import NotServable, open_inside
 from .imaging import decode_batch
 
@@ -151,7 +152,7 @@ class Heatmaps:
         """The CAM (h, w in [0, 1]) of `label` for one preprocessed image, averaged with the mirror image's when
         the bundle screens with horizontal-flip TTA (so the map explains the logits the agent used)."""
         b, eng = self._bundle, self._engine
-        x = tensor[None].astype(np.float32)
+        x = first_view(tensor)[None].astype(np.float32)  # a multi-view bundle: the map of its first square
         if getattr(b, "tta", "none") == "hflip":
             x = np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))
         with self._lock:
