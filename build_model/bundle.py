@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from edge_agent.bundle import required_format_version
+from edge_agent.bundle import required_format_version, screening_suffix
 from edge_agent.preprocess import Preprocessing
 from edge_agent.signing import SIG_FILE, load_private_key, sign_bundle
 
@@ -67,7 +67,8 @@ def write_bundle(out: Path, *, fp32: Path, int8: Path, split_csv: Path, report_m
     manifest = {
         "format_version": required_format_version({"tta": tta, "preprocessing": pre.to_dict()}
                                                   | ({"features": 1} if format3 else {})),
-        "model_id": f"{training.get('dataset_name', 'model')}-{arch}-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}",
+        "model_id": f"{training.get('dataset_name', 'model')}-{arch}-{pre.input_size}-{created:%Y%m%d}-{digests[f'model.{primary}.onnx'][:8]}"
+                    + screening_suffix(pre.n_views, tta),
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "build_command": build_command,
         "labels": labels,

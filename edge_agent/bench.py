@@ -503,7 +503,8 @@ def run(inbox: Path, model: Path | None = None, count: int = 320, sizes: str = D
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir()
         result["long"] = {"count": long, "sizes": [e["size"] for e in result["sizes"]],
-                          **_scan(mixed, run_dir, {"model": str(model), **flags}, skip, comment="edge-agent bench copy")}
+                          **_scan(mixed, run_dir, {"model": str(model), **_env_trust_flags(), **flags}, skip,
+                                  comment="edge-agent bench copy")}
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
 

@@ -262,6 +262,16 @@ def _check_files(root: Path, manifest: dict[str, Any], rep: BundleReport) -> Non
             rep.warnings.append(f"{name} is not part of the bundle; the evaluation it documents cannot be checked")
 
 
+def screening_suffix(n_views: int, tta: str) -> str:
+    """What a builder appends to a model_id after the primary's sha256 prefix: the same weights screened
+    another way (several views, flip TTA) give other numbers, so they are another model for the results
+    table, the review app's heatmaps and drift."""
+    return (f"-{n_views}views" if n_views > 1 else "") + ("-hflip" if tta == "hflip" else "")
+
+
+SCREENING_SUFFIX_RE = re.compile(r"(-\d+views)?(-hflip)?$")
+
+
 def required_format_version(manifest: dict[str, Any]) -> int:
     """The lowest format version that has every feature this manifest uses (the builder writes this)."""
     pre = manifest.get("preprocessing")
@@ -393,7 +403,7 @@ def _check_fields(m: dict[str, Any], rep: BundleReport) -> None:
         rep.warnings.append("manifest has no gate verdict; the INT8 model's validation cannot be shown")
     primary_file = models.get(primary, {}).get("file") if isinstance(models.get(primary), dict) else None
     digest = files.get(primary_file, "") if primary_file else ""
-    suffix = m["model_id"].rsplit("-", 1)[-1]
+    suffix = SCREENING_SUFFIX_RE.sub("", m["model_id"]).rsplit("-", 1)[-1]
     if digest and not (len(suffix) >= 6 and digest.startswith(suffix)):
         rep.warnings.append(f"model_id {m['model_id']!r} does not end with the sha256 prefix of {primary_file}")
 

@@ -157,3 +157,26 @@ def test_build_model_bench_smoke(bundle_dir: Path) -> None:
     assert rows[("ort-fp32", 2)]["x_vs_ort_fp32"] == 1.0
     assert all(r["iterations"] == 2 and r["peak_rss_mb"] > 0 for r in rows.values())
     assert "ort-int8" in render(out)
+
+
+def test_both_benchmarks_run_an_unsigned_two_view_bundle_the_environment_allows(tmp_path: Path) -> None:
+    """Every worker of `edge-agent bench`, the long scan's included, accepts what the environment trusts (here
+    EDGE_AGENT_ALLOW_UNSIGNED_BUNDLE: an experiment's bundle), and both benchmarks feed a two-view bundle both
+    squares of each image: `build-model bench` counts images, not model inputs."""
+    from build_model.bench import run
+    from edge_agent.cli import main
+    from test_agent_views import _views_manifest
+
+    from bundle_factory import make_bundle
+
+    b = make_bundle(tmp_path / "views", sign=False, **_views_manifest())
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    res = CliRunner(env={"EDGE_AGENT_ALLOW_UNSIGNED_BUNDLE": "true"}).invoke(
+        main, ["bench", "--inbox", str(examples), "--model", str(b), "--count", "4", "--sizes", "64x48",
+               "--long", "6", "--min-seconds", "0", "--skip", "0", "--workdir", str(tmp_path / "work"),
+               "--workers", "1", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["sizes"][0]["scan"]["results"] == 4 and out["long"]["results"] == 6
+    rows = run(b, iters=2, warmup=1, threads=1, batches=(2,), engines=("ort-int8",))["rows"]
+    assert rows[0]["batch"] == 2 and rows[0]["images_per_s"] > 0

@@ -175,7 +175,8 @@ def test_validate_and_bundle_with_two_views_ship_a_format_5_bundle(built: tuple[
     assert r.returncode == 0, r.stderr[-4000:]
     rep = verify_bundle(out)
     assert rep.ok, rep.errors
-    assert rep.manifest["format_version"] == 5
+    assert rep.manifest["format_version"] == 5 and rep.manifest["model_id"].endswith("-2views")
+    assert not any("model_id" in w for w in rep.warnings), rep.warnings  # the suffix is known to the agent
     assert rep.manifest["preprocessing"]["views"] == ["shorter_side_center_crop", "lesion_crop"]
     b = load_bundle(out)
     assert b.preprocessing.n_views == 2 and b.ood is not None

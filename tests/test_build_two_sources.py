@@ -30,7 +30,8 @@ def test_two_source_build_records_sources_and_ships_a_tta_bundle_the_agent_loads
     assert "sources: ham10000 (70 images" in r.stderr and "isic2017 (24 images, classes bkl,mel,nv)" in r.stderr
     b = load_bundle(out)
     m = b.manifest
-    assert b.tta == "hflip" and m["format_version"] == 3 and m["model_id"].startswith("ham10000+isic2017-lite0-64-")
+    assert b.tta == "hflip" and m["format_version"] == 3 and m["model_id"].startswith("ham10000+isic2017-lite0-64-") \
+        and m["model_id"].endswith("-hflip")
     assert m["sources"]["isic2017"]["labels"] == ["bkl", "mel", "nv"]
     assert m["training"]["config"]["masked_loss"] is True and m["training"]["config"]["augment"].startswith("artefacts")
     assert "Codella" in m["citation"] and "Tschandl" in m["citation"] and "NonCommercial" in m["license"]
