@@ -56,12 +56,21 @@ def test_case_page_serves_heatmaps_for_predicted_and_high_risk_classes(site, shi
     r = rows(site.db, "SELECT * FROM results ORDER BY needs_review DESC, p_high_risk DESC LIMIT 1")[0]
     page = client.get(f"/case/{r['id']}", headers=HOST).get_data(as_text=True)
     assert 'id="heatmap"' in page and 'id="opacity"' in page
+    with open(r["stored_path"], "rb") as f:
+        x = decode_image(f.read(), shipped.preprocessing, 64_000_000, QualityLimits()).tensor[None]
+    fmap = Engine(shipped).feature_maps(x)[0]
     for label in {r["label"], *shipped.high_risk_labels}:
         assert f'<option value="{label}">' in page
         png = client.get(f"/heatmap/{r['id']}/{label}.png", headers=HOST)
         assert png.status_code == 200 and png.mimetype == "image/png"
         img = cv2.imdecode(np.frombuffer(png.data, np.uint8), cv2.IMREAD_UNCHANGED)
-        assert img.shape == (256, 256, 4) and img[..., 3].max() > 100  # something is hot, and it is see-through
+        # Hot where the class has positive evidence, see-through elsewhere; a class with none anywhere on
+        # this image (a CAM <= 0 everywhere: it happens for melanoma on a keratosis) is a clear overlay.
+        evidence = class_activation_map(fmap, shipped.head.weight, shipped.head.bias, shipped.labels.index(label))
+        assert img.shape == (256, 256, 4) and (img[..., 3].max() > 100) == bool(evidence.max() > 0), label
+        assert img[..., 3].min() < 50
+    assert (class_activation_map(fmap, shipped.head.weight, shipped.head.bias, shipped.labels.index(r["label"]))
+            > 0).any()  # the predicted class is hot somewhere, so the map above was not vacuous
     again = client.get(f"/heatmap/{r['id']}/mel.png", headers=HOST)
     assert again.data == client.get(f"/heatmap/{r['id']}/mel.png", headers=HOST).data
     bad = client.get(f"/heatmap/{r['id']}/notalabel.png", headers=HOST)
