@@ -18,7 +18,7 @@ require_build_extra()  # a runtime-only install: one line naming the extra, not 
 
 import click  # noqa: E402
 
-from edge_agent.preprocess import RESIZE_RULES  # noqa: E402
+from edge_agent.preprocess import RESIZE_RULES, views_problem  # noqa: E402
 
 from .errors import BuildError, build_extra_message, missing_build_module  # noqa: E402
 from .quantize import ADAROUND_ITERS, CALIB_SIZE  # noqa: E402
@@ -229,11 +229,9 @@ tta_option = click.option("--tta", type=click.Choice(["none", "hflip"]), default
 
 def _views(value: str | None) -> tuple[str, ...]:
     views = tuple(v.strip() for v in (value or "").split(",") if v.strip())
-    bad = [v for v in views if v not in RESIZE_RULES]
-    if bad or len(views) == 1 or len(set(views)) != len(views):
-        raise click.BadParameter(f"{value!r}: two or more different resize rules, comma-separated, the first the "
-                                 f"trained model's resize (of {', '.join(RESIZE_RULES)}); or leave it out for one view",
-                                 param_hint="--views")
+    if views and views_problem(views):
+        raise click.BadParameter(f"{value!r} {views_problem(views)}, comma-separated, the first the trained model's "
+                                 "resize; or leave it out for one view", param_hint="--views")
     return views
 
 

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.preprocess import RESIZE_RULES
+from edge_agent.preprocess import RESIZE_RULES, views_problem
 
 from .errors import ConfigError, DataError, DataNotFound
 from .train import TrainConfig, preprocessing_for
@@ -191,11 +191,10 @@ def _stages(path: Path, raw: Any, base: Path) -> list[Stage]:
             raise ConfigError(_where(path, f"stage {i} (validate): tta = {settings['tta']!r}; none or hflip"))
         if kind == "validate" and "views" in settings:
             views = settings["views"]
-            if not (isinstance(views, list) and all(v in RESIZE_RULES for v in views)
-                    and (not views or len(set(views)) == len(views) >= 2)):
-                raise ConfigError(_where(path, f"stage {i} (validate): views = {views!r} should be a list of two or "
-                                               f"more different resize rules ({', '.join(RESIZE_RULES)}), the first "
-                                               "the train stage's resize, or [] for one view"))
+            problem = views_problem(views) if views != [] else ""
+            if problem:
+                raise ConfigError(_where(path, f"stage {i} (validate): views = {views!r} {problem}; the first the "
+                                               "train stage's resize, or [] for one view"))
         stages.append(Stage(kind, name, settings))
     names = [s.name for s in stages]
     dup = sorted({n for n in names if names.count(n) > 1})

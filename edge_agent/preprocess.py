@@ -71,16 +71,14 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
         views = d.get("views", ())
-        if not (isinstance(views, (list, tuple)) and all(isinstance(v, str) for v in views)):
-            raise ValueError(f"preprocessing views {views!r} in the bundle manifest must be a list of resize rules; rebuild the bundle")
+        problem = views_problem(views) if views != [] and views != () else ""
+        if problem:
+            raise ValueError(f"preprocessing views {views!r} in the bundle manifest {problem}; rebuild the bundle")
         p = cls(**{**known, "mean": tuple(d.get("mean", cls.mean)), "std": tuple(d.get("std", cls.std)),
                    "views": tuple(views)})
-        if p.views and (len(p.views) < 2 or len(set(p.views)) != len(p.views) or p.views[0] != p.resize):
+        if p.views and p.views[0] != p.resize:
             raise ValueError(f"preprocessing views {list(p.views)} in the bundle manifest must name two or more different "
                              f"resize rules, the first being resize {p.resize!r}; rebuild the bundle")
-        for rule in p.views:
-            if rule not in RESIZE_RULES:
-                raise ValueError(f"unknown resize rule {rule!r} in the bundle manifest's views; this agent knows {RESIZE_RULES}: upgrade the agent or rebuild the bundle")
         if p.resize not in RESIZE_RULES:
             raise ValueError(f"unknown resize rule {p.resize!r} in the bundle manifest; this agent knows {RESIZE_RULES}: upgrade the agent or rebuild the bundle")
         if p.color_constancy not in COLOR_CONSTANCY:
@@ -90,6 +88,19 @@ class Preprocessing:
         if p.color_order not in ("RGB", "BGR") or p.layout != "NCHW":
             raise ValueError(f"unsupported color_order/layout {p.color_order}/{p.layout} in the bundle manifest (RGB|BGR, NCHW)")
         return p
+
+
+def views_problem(views: object) -> str:
+    """Why `views` is not a list of two or more different known resize rules ('' when it is): the one check
+    behind a manifest, `build-model --views` and a recipe's validate stage."""
+    if not (isinstance(views, (list, tuple)) and all(isinstance(v, str) for v in views)):
+        return "must be a list of resize rules"
+    unknown = [v for v in views if v not in RESIZE_RULES]
+    if unknown:
+        return f"names unknown resize rule {unknown[0]!r} (known: {', '.join(RESIZE_RULES)})"
+    if len(views) < 2 or len(set(views)) != len(views):
+        return "must name two or more different resize rules"
+    return ""
 
 
 _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
