@@ -8,9 +8,11 @@ Layout (any pyarrow filesystem: a local folder, NFS, or an object-store URI):
     <output>/outcome=quarantine/*.parquet  one row per refused input: the `quarantine` columns
 
 Every row also carries `input_key`, the byte offset of its input's line in the listing: what a resumed run
-compares to skip what is written. Ray writes each Parquet file in place; a file cut off by a kill has no
-footer, is not counted as written, and is deleted at the next start (its inputs are screened again). Rows
-that were written twice (a retried write) are reported and merged once (merge.py dedups by sha256/path).
+compares to skip what is written. Files are staged and published by a move while their run owns the folder
+(publish.py), so a run's files appear whole; a file without a footer (written by an older version in place,
+or torn on an object store) is not counted as written and is deleted at the next start (its inputs are
+screened again). Rows written twice (only a straggler slower than the object-store grace) are reported and
+merged once (merge.py dedups by sha256/path).
 """
 from __future__ import annotations
 

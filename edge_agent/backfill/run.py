@@ -3,11 +3,13 @@
     read_datasource(ListingDatasource)      byte ranges of the listing, streamed; inputs already written
                                             are skipped here, before any image is read
       .map_batches(Screener, concurrency=N) an actor pool: each actor loads and verifies the bundle once
-      .write_parquet(output, partition_cols=["outcome"])
+      .write_datasink(publish.datasink)      Parquet per outcome, staged, published while this run
+                                            owns the output folder (a resume claims it first)
 
 Nothing here is a scheduler of our own: Ray Data streams the blocks, sizes the queues, retries failed tasks
-and restarts dead actors. What is ours: the listing (inputs.py), the resume check (output.py), the
-progress line, and making sure a local run of Ray fits the machine it is on.
+and restarts dead actors. What is ours: the listing (inputs.py), the resume check (output.py), publishing
+files so that a stopped run's workers cannot add rows behind a resume (publish.py), the progress line,
+and making sure a local run of Ray fits the machine it is on.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..config import Settings
 from ..store import now_iso
 from .inputs import Listing, byte_ranges, entry_location, is_uri, lines_in_range, manifest_summary, write_tree_listing
 from .output import BackfillError, BackfillFailed, OutputDir, STATE_VERSION, Written
+from .publish import claim, datasink
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +244,7 @@ def run_backfill(source: str, output: str, settings: Settings, manifest: bool = 
     opts = opts or Options()
     echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
     out, listing, state = prepare(source, output, settings, manifest)
+    run_id = claim(out)  # from here on, no earlier run adds a file: what is written now stays what is written
     before = out.written()
     summary = Summary(entries=listing.entries, already=len(before.keys))
     if before.dropped:
@@ -267,7 +271,7 @@ def run_backfill(source: str, output: str, settings: Settings, manifest: bool = 
         ray.init(**init)
         started_here = True
     try:
-        summary = _execute(out, listing, state, settings, opts, summary, before.keys, echo)
+        summary = _execute(out, listing, state, settings, opts, summary, before.keys, run_id, echo)
     finally:
         if started_here:
             ray.shutdown()
@@ -276,7 +280,7 @@ def run_backfill(source: str, output: str, settings: Settings, manifest: bool = 
 
 
 def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: Settings, opts: Options,
-             summary: Summary, done: np.ndarray, echo: Callable[[str], None]) -> Summary:
+             summary: Summary, done: np.ndarray, run_id: str, echo: Callable[[str], None]) -> Summary:
     import ray
     from ray.data import DataContext
 
@@ -296,8 +300,8 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
 
     def write() -> None:
         try:
-            ds.write_parquet(out.location if is_uri(out.location) else out.base, partition_cols=["outcome"],
-                             min_rows_per_file=opts.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
+            ds.write_datasink(datasink(out.location if is_uri(out.location) else out.base, run_id,
+                                       opts.rows_per_file), ray_remote_args={"num_cpus": WRITE_CPUS})
         except BaseException as e:  # re-raised in the caller's thread
             failure.append(e)
 
