@@ -21,7 +21,6 @@ import sys
 import threading
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from .containers import MAX_JPEG_FILL, MAX_SEGMENTS, check_structure
@@ -46,7 +45,7 @@ BIG_DECODE_PIXELS = 16_000_000
 PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 _big_decode = threading.Semaphore(1)
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -378,11 +377,13 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     read back, and a warning about damaged image data makes the file `corrupt` (decoder_messages.py): libjpeg
     and libpng step over such damage and return an image that is partly garbage.
     """
+    import cv2  # in the function: the agent's main process never imports OpenCV (preprocess.py says why)
+
     buf = np.frombuffer(data, np.uint8)
     try:
         with capture if capture is not None else contextlib.nullcontext():
             with _big_decode if is_big(header) else contextlib.nullcontext():
-                img = cv2.imdecode(buf, _REDUCED[reduction])
+                img = cv2.imdecode(buf, getattr(cv2, _REDUCED[reduction]))
     except cv2.error as e:
         raise _decoder_error(header, str(e)) from None
     except MemoryError:
@@ -453,6 +454,8 @@ def measure_quality(bgr: np.ndarray, limits: QualityLimits) -> Quality:
     The centre avoids the black vignette of dermoscope optics, which would
     read as clipped shadows and as a sharp edge on every image.
     """
+    import cv2
+
     # Only the centre is measured, so only the centre is converted and resized (a third of the pixels).
     h, w = bgr.shape[:2]
     centre = cv2.cvtColor(bgr[int(h * 0.2):max(int(h * 0.8), int(h * 0.2) + 1),

@@ -14,7 +14,6 @@ the caller falls back to the plain centre crop - the model then sees what it saw
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 WORK_SIDE = 128     # the thumbnail the segmentation runs on (long side, pixels)
@@ -35,6 +34,8 @@ def lesion_box(img: np.ndarray, margin: float = 0.15, order: str = "RGB") -> tup
     area weighted towards the centre, and halved per frame edge it touches (hair and shadows run
     off the edge; a lesion usually does not), is the lesion.
     """
+    import cv2  # in the function: the agent's main process never imports OpenCV (preprocess.py says why)
+
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 8:
         return None
     h, w = img.shape[:2]
@@ -81,6 +82,8 @@ def lesion_box(img: np.ndarray, margin: float = 0.15, order: str = "RGB") -> tup
 def _visible_field(light: np.ndarray) -> np.ndarray:
     """Everything except very dark regions connected to the frame's border (a dermatoscope's
     black circle or corners), which Otsu would otherwise take for the darkest 'lesion'."""
+    import cv2
+
     dark = (light < DARK_FIELD).astype(np.uint8)
     _, lab = cv2.connectedComponents(dark, connectivity=4)
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))

@@ -4,13 +4,16 @@ This module is the single implementation of the preprocessing contract: the
 build imports it for validation, calibration and quantization, and the agent
 for screening, so the numbers in a bundle's report are the numbers the agent
 reproduces. It only depends on numpy and OpenCV.
+
+OpenCV is imported inside the functions that use it (as in decode.py and lesion.py): the agent's main
+process needs this module's contract (Preprocessing, the view helpers) but never touches pixels - the
+decode workers do - and importing OpenCV there would cost 17 MB of its resident memory for nothing.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .lesion import lesion_region
@@ -103,7 +106,7 @@ def views_problem(views: object) -> str:
     return ""
 
 
-_INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+_INTERP = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "cubic": "INTER_CUBIC"}
 
 
 def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center_crop",
@@ -118,6 +121,8 @@ def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center
     channel order, for the lightness) and falls back to the centre crop when
     no lesion is found.
     """
+    import cv2  # here, not at the top: see the module docstring
+
     if rule == "lesion_crop":
         rgb, rule = lesion_region(rgb, margin, order), "shorter_side_center_crop"
     if rule not in RESIZE_RULES:
@@ -133,9 +138,11 @@ def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center
 
 
 def _pick(interpolation: str, shrinking: bool) -> int:
+    import cv2
+
     if interpolation == "area" and not shrinking:
-        return cv2.INTER_LINEAR
-    return _INTERP[interpolation]
+        return int(cv2.INTER_LINEAR)
+    return int(getattr(cv2, _INTERP[interpolation]))
 
 
 def shades_of_gray_gains(planes: list[np.ndarray], p: int = 6) -> np.ndarray:
@@ -147,6 +154,8 @@ def shades_of_gray_gains(planes: list[np.ndarray], p: int = 6) -> np.ndarray:
     channel is computed from its 256-bin histogram, exactly and in float64:
     a weighted sum of 256 powers instead of raising every pixel to the 6th.
     """
+    import cv2
+
     v = _POWERS.get(p)
     if v is None:
         v = np.arange(256, dtype=np.float64) ** p
@@ -169,6 +178,8 @@ def to_tensor(rgb_square: np.ndarray, pre: Preprocessing) -> np.ndarray:
 def _planes(img: np.ndarray) -> list[np.ndarray]:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"preprocessing needs an HxWx3 uint8 image, got {img.dtype} {img.shape}")
+    import cv2
+
     return list(cv2.split(img))
 
 
@@ -176,6 +187,8 @@ def _planes_to_tensor(rgb: list[np.ndarray], pre: Preprocessing) -> np.ndarray:
     """Per channel the whole chain is a function of the uint8 value,
     clip(v * gain, 0, 255) then (x - mean) / std, so it runs as one 256-entry
     lookup table per channel, written straight into the CHW output."""
+    import cv2
+
     if pre.color_order == "BGR":
         rgb = rgb[::-1]
     gains = shades_of_gray_gains(rgb, pre.shades_of_gray_p) if pre.color_constancy == "shades_of_gray" \
