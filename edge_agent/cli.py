@@ -1004,7 +1004,8 @@ def backfill(source: str, manifest: bool, output: str, actors: int, actor_cpus: 
                f"{sm.seconds:.1f} s ({rate:.1f} images/s"
                + (f"; {sm.steady_rate:.1f} images/s after start-up)" if sm.steady_rate else ")"))
     if w.repeated:
-        click.echo(f"  {w.repeated} row(s) were written twice (a retried write); the merge keeps one")
+        click.echo(f"  {w.repeated} row(s) were written twice (a late write of a stopped run on an object store, or a "
+                   "re-run task); the merge keeps one")
     click.echo(f"  merge into a results database: edge-agent backfill-merge {output} --db DB")
     sys.exit(0 if len(w.keys) >= sm.entries else EXIT_INCOMPLETE)
 

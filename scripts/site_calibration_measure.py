@@ -43,16 +43,6 @@ def device_shift(files: list[tuple[Path, str]], dest: Path) -> list[tuple[Path, 
     """Copies as another dermatoscope would take them: softer lens, washed-out lamp, strong JPEG compression."""
     import cv2
 
-    def exact(flag: np.ndarray) -> str:
-        """Clopper-Pearson 95% interval of the melanoma-rule sensitivity (the bootstrap collapses to a point
-        when no melanoma is missed)."""
-        from scipy.stats import beta
-
-        k, m = int(flag[pos].sum()), int(pos.sum())
-        lo = 0.0 if k == 0 else float(beta.ppf(0.025, k, m - k + 1))
-        hi = 1.0 if k == m else float(beta.ppf(0.975, k + 1, m - k))
-        return f"{k}/{m} [{lo:.3f}, {hi:.3f}]"
-
     out = []
     for path, label in files:
         img = cv2.GaussianBlur(cv2.imread(str(path)), (0, 0), 1.5)

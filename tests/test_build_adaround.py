@@ -7,7 +7,6 @@ real QDQ model.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
