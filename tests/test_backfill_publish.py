@@ -116,3 +116,31 @@ def test_a_claim_waits_for_a_publish_under_way_and_clears_stopped_runs_staging(t
     finally:
         p.wait(timeout=30)
     assert p.returncode == 0
+
+
+def test_without_a_lock_an_object_store_style_folder_is_fenced_after_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pyarrow filesystem that is not the local one (as an object store's): no flock; the claim waits
+    PUBLISH_GRACE_S instead, and a stopped run's write after it publishes nothing."""
+    import pyarrow.fs as pafs
+
+    import edge_agent.backfill.publish as publish
+
+    class NotLocal(OutputDir):
+        def __init__(self, location: str) -> None:
+            super().__init__(location)
+            self.fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # same files, no local-fs type
+
+    monkeypatch.setattr(publish, "OutputDir", NotLocal)
+    slept: list[float] = []
+    monkeypatch.setattr(publish.time, "sleep", slept.append)
+    out = NotLocal(str(tmp_path / "out"))
+    first = claim(out)
+    assert write_and_publish(out.base, first, 0, [_rows([1])]) == 1
+    slept.clear()
+    second = claim(out)
+    assert slept == [publish.PUBLISH_GRACE_S]  # no lock to wait on: the grace instead
+    assert not (Path(out.meta) / "publish.lock").exists()
+    assert write_and_publish(out.base, first, 1, [_rows([2])]) == 0
+    assert write_and_publish(out.base, second, 0, [_rows([2])]) == 1
+    assert out.written().keys.tolist() == [1, 2] and out.written().repeated == 0
