@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import INPUT, OUTPUT
+from .export import INPUT
 from .reproducible import make_reproducible
 
 METHODS = ("MinMax", "Entropy", "Percentile")
