@@ -231,6 +231,38 @@ def test_merge_keys_by_sha256_and_merging_again_adds_nothing(run: dict[str, Any]
 
 # --- without Ray -----------------------------------------------------------------------------------
 
+def test_a_backfill_whose_output_another_run_took_over_stops_and_publishes_nothing_more(
+        run: dict[str, Any], tmp_path: Path) -> None:
+    """Two backfills on one output folder (a second terminal, a timer firing while the first still runs):
+    the later one claims the folder, so the first stops with the reason instead of screening on for nothing."""
+    from edge_agent.backfill.output import OutputDir
+    from edge_agent.backfill.publish import claim
+
+    out = tmp_path / "out"
+    first = subprocess.Popen(_backfill_cmd(run["archive"], out, run["bundle"], "--rows-per-file", "1",
+                                           "--batch-rows", "1"),
+                             env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120  # bounds a hang only
+        while _complete_parts(out) == 0 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        folder = OutputDir(str(out))
+        claim(folder)  # the other run
+        taken = folder.written().keys.tolist()
+        _, err = first.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert first.returncode == 3, err[-3000:]
+    assert "another backfill took over" in err and "publishes nothing more" in err
+    assert 0 < len(taken) < len(_inputs(run["archive"]))
+    assert folder.written().keys.tolist() == taken  # nothing was published after the other run's claim
+
+
 def test_listing_ranges_yield_every_line_once_whatever_the_split(tmp_path: Path) -> None:
     import pyarrow.fs as pafs
 

@@ -29,7 +29,7 @@ from ..config import Settings
 from ..store import now_iso
 from .inputs import Listing, byte_ranges, entry_location, is_uri, lines_in_range, manifest_summary, write_tree_listing
 from .output import BackfillError, BackfillFailed, OutputDir, STATE_VERSION, Written
-from .publish import claim, datasink
+from .publish import claim, datasink, owner
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,11 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
     last = ""
     while writer.is_alive():
         writer.join(opts.progress_seconds)
+        if writer.is_alive() and owner(out) != run_id:
+            raise BackfillFailed(
+                f"another backfill took over {out.location} while this one ran (a second `edge-agent backfill` with "
+                "the same output folder, or a resume started elsewhere); this run stops and publishes nothing more, "
+                "the other one carries on: let it finish, or run the same command again once it has stopped")
         try:
             results, quarantined = ray.get(progress.get.remote(), timeout=10)
         except Exception:  # a busy cluster: skip one progress line, never the backfill
