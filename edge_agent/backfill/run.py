@@ -279,6 +279,17 @@ def run_backfill(source: str, output: str, settings: Settings, manifest: bool = 
     return summary
 
 
+def _still_owner(out: OutputDir, run_id: str) -> None:
+    """Stop with the reason once another run has claimed the folder: from then on this run's files are
+    never published (publish.py), so screening on would only burn CPU and end in a misleading 'incomplete'."""
+    if owner(out) != run_id:
+        raise BackfillFailed(
+            f"another backfill took over {out.location} while this one ran (a second `edge-agent backfill` with "
+            "the same output folder, or a resume started elsewhere); this run stopped and its files after that "
+            "moment were not published, the other one carries on: let it finish, or run the same command again "
+            "once it has stopped")
+
+
 def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: Settings, opts: Options,
              summary: Summary, done: np.ndarray, run_id: str, echo: Callable[[str], None]) -> Summary:
     import ray
@@ -310,11 +321,7 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
     last = ""
     while writer.is_alive():
         writer.join(opts.progress_seconds)
-        if writer.is_alive() and owner(out) != run_id:
-            raise BackfillFailed(
-                f"another backfill took over {out.location} while this one ran (a second `edge-agent backfill` with "
-                "the same output folder, or a resume started elsewhere); this run stops and publishes nothing more, "
-                "the other one carries on: let it finish, or run the same command again once it has stopped")
+        _still_owner(out, run_id)
         try:
             results, quarantined = ray.get(progress.get.remote(), timeout=10)
         except Exception:  # a busy cluster: skip one progress line, never the backfill
@@ -325,6 +332,7 @@ def _execute(out: OutputDir, listing: Listing, state: dict[str, Any], settings: 
         if line != last:
             echo(line)
             last = line
+    _still_owner(out, run_id)  # its last writes may have been refused after the loop's last look
     if failure:
         e = failure[0]
         if isinstance(e, (BackfillError, KeyboardInterrupt)):
