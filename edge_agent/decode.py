@@ -45,7 +45,6 @@ BIG_DECODE_PIXELS = 16_000_000
 PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 _big_decode = threading.Semaphore(1)
 
-_REDUCED = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -379,11 +378,13 @@ def decode_pixels(data: bytes, header: Header, reduction: int, capture: StderrCa
     """
     import cv2  # in the function: the agent's main process never imports OpenCV (preprocess.py says why)
 
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[reduction]
     buf = np.frombuffer(data, np.uint8)
     try:
         with capture if capture is not None else contextlib.nullcontext():
             with _big_decode if is_big(header) else contextlib.nullcontext():
-                img = cv2.imdecode(buf, getattr(cv2, _REDUCED[reduction]))
+                img = cv2.imdecode(buf, flag)
     except cv2.error as e:
         raise _decoder_error(header, str(e)) from None
     except MemoryError:

@@ -106,9 +106,6 @@ def views_problem(views: object) -> str:
     return ""
 
 
-_INTERP = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "cubic": "INTER_CUBIC"}
-
-
 def resize_and_crop(rgb: np.ndarray, size: int, rule: str = "shorter_side_center_crop",
                     interpolation: str = "area", margin: float = 0.15, order: str = "RGB") -> np.ndarray:
     """Resize so the shorter side is `size`, then take the centred square.
@@ -141,8 +138,8 @@ def _pick(interpolation: str, shrinking: bool) -> int:
     import cv2
 
     if interpolation == "area" and not shrinking:
-        return int(cv2.INTER_LINEAR)
-    return int(getattr(cv2, _INTERP[interpolation]))
+        return cv2.INTER_LINEAR
+    return {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}[interpolation]
 
 
 def shades_of_gray_gains(planes: list[np.ndarray], p: int = 6) -> np.ndarray:

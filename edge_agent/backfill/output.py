@@ -139,27 +139,38 @@ class OutputDir:
     def tree_listing(self) -> str:
         return posixpath.join(self.meta, "inputs.jsonl")
 
-    def read_state(self) -> dict[str, Any] | None:
+    def read_meta(self, path: str) -> bytes | None:
+        """A small file under _backfill/ (None when it does not exist)."""
         import pyarrow.fs as pafs
 
-        if self.fs.get_file_info(self.state_path).type == pafs.FileType.NotFound:
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(self.state_path) as f:
-            try:
-                state = json.loads(f.read())
-            except ValueError as e:
-                raise BackfillError(f"{self.state_path} is damaged ({e}); use a new --output folder") from None
+        with self.fs.open_input_stream(path) as f:
+            return bytes(f.read())
+
+    def write_meta(self, path: str, data: bytes) -> None:
+        """Replace a small file under _backfill/ whole (written aside, then moved over it)."""
+        self.fs.create_dir(self.meta, recursive=True)
+        tmp = path + ".tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def read_state(self) -> dict[str, Any] | None:
+        raw = self.read_meta(self.state_path)
+        if raw is None:
+            return None
+        try:
+            state = json.loads(raw)
+        except ValueError as e:
+            raise BackfillError(f"{self.state_path} is damaged ({e}); use a new --output folder") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise BackfillError(f"{self.state_path} was written by another version of the backfill; use a new "
                                 "--output folder")
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
-        self.fs.create_dir(self.meta, recursive=True)
-        tmp = self.state_path + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(state, indent=2, sort_keys=True).encode())
-        self.fs.move(tmp, self.state_path)
+        self.write_meta(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())
 
     def parts(self) -> Iterator[tuple[str, str]]:
         """(outcome, path) of every Parquet file, in name order."""

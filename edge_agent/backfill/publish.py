@@ -54,13 +54,8 @@ def staging_dir(out: OutputDir, run_id: str | None = None) -> str:
 
 def owner(out: OutputDir) -> str | None:
     """The id of the run that owns the folder now (None: no run has claimed it)."""
-    import pyarrow.fs as pafs
-
-    p = owner_path(out)
-    if out.fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return None
-    with out.fs.open_input_stream(p) as f:
-        return f.read().decode().strip() or None
+    raw = out.read_meta(owner_path(out))
+    return (raw.decode().strip() or None) if raw is not None else None
 
 
 @contextlib.contextmanager
@@ -81,16 +76,11 @@ def publish_lock(out: OutputDir, exclusive: bool) -> Iterator[None]:
 def claim(out: OutputDir) -> str:
     """Make a new run the folder's owner; when this returns, no earlier run can add a file any more."""
     run_id = uuid.uuid4().hex[:16]
-    out.fs.create_dir(out.meta, recursive=True)
-    tmp = owner_path(out) + ".tmp"
-    with out.fs.open_output_stream(tmp) as f:
-        f.write(run_id.encode())
-    out.fs.move(tmp, owner_path(out))
-    if _is_local(out):
-        with publish_lock(out, exclusive=True):
-            pass  # a publish that checked the old owner has finished moving its files
-    else:
-        time.sleep(PUBLISH_GRACE_S)
+    out.write_meta(owner_path(out), run_id.encode())
+    with publish_lock(out, exclusive=True):
+        pass  # a publish that checked the old owner has finished moving its files
+    if not _is_local(out):
+        time.sleep(PUBLISH_GRACE_S)  # no lock there: give such a publish time instead
     _delete_staging(out)
     return run_id
 
