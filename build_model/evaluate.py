@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from edge_agent.calibration_math import bootstrap_ci
+
 from .calibrate import risk_score
 from .metrics import ece, sens_spec, summarize_restricted
 
@@ -30,13 +32,11 @@ def auc(pos: np.ndarray, score: np.ndarray) -> float:
 
 
 def bootstrap(stat, n: int, reps: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of `stat(idx)` over resamples of n items with replacement."""
-    rng = np.random.default_rng(seed)
-    vals = [stat(rng.integers(0, n, n)) for _ in range(reps)]
-    vals = [v for v in vals if not np.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    """Percentile 95% interval of `stat(idx)` over resamples of n items with replacement: the agent's
+    `bootstrap_ci` (same resamples, same interval), with NaN instead of None where no resample had a value,
+    because the reports' JSON and tables here have always written NaN."""
+    lo, hi = bootstrap_ci(stat, n, reps, seed)
+    return (float("nan"), float("nan")) if lo is None or hi is None else (lo, hi)
 
 
 def evaluate_source(prob: np.ndarray, y: np.ndarray, labels: list[str], allowed: list[str],
