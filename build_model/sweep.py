@@ -14,6 +14,11 @@ number for another clinic. Then:
   short, scored in source (no third source exists here to score them out of source);
 - `final`: the chosen recipe on both sources at full length, for the default bundle.
 
+With `--seeds N` every ablation step (the base too) trains N times, seeds 0..N-1 on the same split, and
+is judged on the mean of its runs: two seeds of one recipe from ImageNet differed by 0.048 melanoma AUC
+out of source on a CPU (docs/generalisation.md, session 13), more than most single steps gain, so one
+run per step lets noise choose the recipe. The finals train once.
+
 Runs are skipped, and the final schedules shortened, when the measured speed says they
 would not fit in `--budget` seconds; the JSON says which.
 
@@ -48,7 +53,7 @@ STEPS = [  # (name, change to the current best recipe)
     ("+zoom", {"augment": "+zoom"}),
     ("+aspect", {"augment": "+aspect"}),
     ("+strong_color", {"augment": "+strong_color"}),
-    ("+wide_field", {"augment": "+wide_field"}),  # CPU paired test: +0.018 out of source (docs/generalisation.md)
+    ("+wide_field", {"augment": "+wide_field"}),  # CPU: +0.018 out of source, one seed; seed spread ~0.05 (docs/generalisation.md)
     ("lesion crop", {"resize": "lesion_crop"}),  # CPU test: +0.04 out of source without retraining (docs/generalisation.md)
     ("input 224", {"image_size": 224}),
     ("lite2", {"arch": "lite2"}),
@@ -68,8 +73,11 @@ def apply(cfg: TrainConfig, change: dict) -> TrainConfig:
 
 class Sweep:
     def __init__(self, ds: Dataset, holdout: str, out: Path, base: TrainConfig, budget: float, log,
-                 export_dir: Path | None = None) -> None:
+                 export_dir: Path | None = None, seeds: int = 1) -> None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be at least 1, not {seeds}")
         self.ds, self.holdout, self.out, self.base, self.log = ds, holdout, out, base, log
+        self.seeds = seeds
         self.export_dir = export_dir
         self.t0, self.budget = time.time(), budget
         self.split_loso = split_sources(ds, base.seed, holdout)
@@ -79,7 +87,7 @@ class Sweep:
         self.ho_select = self.ho[self.split_both[self.ho] != "test"]
         self.ho_clean = self.ho[self.split_both[self.ho] == "test"]
         self.speed: dict[tuple[str, int], float] = {}
-        self.results: dict = {"runs": [], "holdout": holdout, "budget_s": budget,
+        self.results: dict = {"runs": [], "holdout": holdout, "budget_s": budget, "seeds": seeds,
                               "holdout_images": {"all": len(self.ho), "select": len(self.ho_select), "clean": len(self.ho_clean)}}
         self._x: dict[tuple[int, str], np.ndarray] = {}
 
@@ -188,13 +196,31 @@ class Sweep:
     def select_score(self, row: dict) -> float:
         return row["eval_none"][f"{self.holdout}-select"]["mel_auc"]
 
+    def step(self, name: str, cfg: TrainConfig) -> tuple[list[dict], float]:
+        """One ablation step at every seed (the first run keeps the step's name); its score is their mean."""
+        rows = []
+        for k in range(self.seeds):
+            row = self.run(name if k == 0 else f"{name} s{k}", replace(cfg, seed=self.base.seed + k),
+                           self.split_loso, "loso")
+            row["step"] = name
+            rows.append(row)
+        scores = [self.select_score(r) for r in rows]
+        score = float(np.mean(scores))
+        for r in rows:
+            r["select_mean"] = score
+        if len(rows) > 1:
+            self.log(f"[{name}] selecting part, mel AUC per seed {', '.join(f'{x:.3f}' for x in scores)}: "
+                     f"mean {score:.3f}, spread {max(scores) - min(scores):.3f}")
+        return rows, score
+
     def go(self, abl_epochs: int, final_epochs: int, min_final_epochs: int) -> None:
         n_loso = int((self.split_loso == "train").sum())
         n_both = int((self.split_both == "train").sum())
         cfg = replace(self.base, epochs=abl_epochs)
-        best_row = self.run("base", cfg, self.split_loso, "loso")
-        best_cfg, best = cfg, self.select_score(best_row)
-        best_row["kept"] = True
+        base_rows, best = self.step("base", cfg)
+        best_cfg = cfg
+        for r in base_rows:
+            r["kept"] = True
 
         def reserve() -> float:
             fin = replace(best_cfg, epochs=final_epochs)
@@ -202,23 +228,24 @@ class Sweep:
 
         for name, change in STEPS:
             cand = apply(best_cfg, change)
-            need = self.estimate(cand, n_loso)
+            need = self.estimate(cand, n_loso) * self.seeds
             if self.left() - reserve() - need < 0:
                 self.log(f"[{name}] skipped: needs ~{need:.0f}s, {self.left():.0f}s left with {reserve():.0f}s reserved for the finals")
                 self.results["runs"].append({"name": name, "skipped": True, "config": asdict(cand)})
                 continue
             try:
-                row = self.run(name, cand, self.split_loso, "loso")
+                rows, score = self.step(name, cand)
             except Exception as e:  # one broken step must not cost the finals
                 self.log(f"[{name}] FAILED: {type(e).__name__}: {e}")
                 self.results["runs"].append({"name": name, "failed": f"{type(e).__name__}: {e}", "config": asdict(cand)})
                 continue
-            score = self.select_score(row)
-            row["kept"] = score > best
-            row["delta_select"] = score - best
-            if row["kept"]:
+            kept, delta = score > best, score - best
+            for r in rows:
+                r["kept"], r["delta_select"] = kept, delta
+            if kept:
                 best_cfg, best = cand, score
-            self.log(f"[{name}] {'kept' if row['kept'] else 'dropped'} ({score - best if not row['kept'] else row['delta_select']:+.3f} mel AUC on the selecting part)")
+            self.log(f"[{name}] {'kept' if kept else 'dropped'} ({delta:+.3f} mel AUC on the selecting part"
+                     f"{', mean of %d seeds' % self.seeds if self.seeds > 1 else ''})")
             self.save()
         self.results["chosen"] = asdict(best_cfg)
         # Two-source variants, short, if they fit besides the finals.
@@ -275,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--abl-epochs", type=int, default=8)
     ap.add_argument("--final-epochs", type=int, default=30)
     ap.add_argument("--min-final-epochs", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train each ablation step this many times (seeds 0..N-1) and judge it on the mean")
     ap.add_argument("--split-check", type=Path, default=None, help="a split.csv the split must reproduce")
     ap.add_argument("--export", type=Path, default=None, help="copy sweep.json, the log and the final checkpoints (float16) here")
     if argv and argv[0] == "table":  # python -m build_model.sweep table SWEEP.json [...]
@@ -282,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
             print(ablation_markdown(json.loads(Path(path).read_text())))
         return
     a = ap.parse_args(argv)
+    if a.seeds < 1:
+        ap.error(f"--seeds must be at least 1 (each step trains that many times), not {a.seeds}")
     a.out.mkdir(parents=True, exist_ok=True)
     logf = open(a.out / "sweep.log", "a")
 
@@ -296,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{len(ds)} images from {ds.sources} decoded in {time.time() - t:.1f}s")
     base = TrainConfig(image_size=a.image_size, epochs=a.abl_epochs, batch_size=a.batch_size, lr=a.lr, augment="",
                        device=a.device, workers=a.workers, ckpt_every=100000, patience=1000, masked_loss=True)
-    sw = Sweep(ds, a.holdout, a.out, base, a.budget, log, a.export)
+    sw = Sweep(ds, a.holdout, a.out, base, a.budget, log, a.export, seeds=a.seeds)
     if a.split_check:
         from .data import read_split
 

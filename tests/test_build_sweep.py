@@ -32,3 +32,28 @@ def test_sweep_runs_steps_and_finals_within_its_budget_and_exports_them(tmp_path
     table = subprocess.run([sys.executable, "-m", "build_model.sweep", "table", str(export / "sweep.json")],
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "| base | yes |" in table.stdout and "skipped" in table.stdout
+
+
+def test_sweep_with_seeds_trains_each_step_at_every_seed_and_judges_the_mean(tmp_path: Path) -> None:
+    """Two seeds of one recipe can differ more than a step gains (docs/generalisation.md, session 13): with
+    --seeds 2 the base trains twice on the same split, and what the step is judged on is the mean."""
+    ham = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
+    isic = make_isic_like(tmp_path / "isic", lesions_per_class=6)
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "build_model.sweep", "--data", f"ham10000={ham}", "--data", f"isic2017={isic}",
+                        "--holdout", "isic2017", "--out", str(out), "--device", "cpu", "--batch-size", "8",
+                        "--image-size", "48", "--abl-epochs", "1", "--final-epochs", "1", "--min-final-epochs", "1",
+                        "--budget", "25", "--seeds", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["seeds"] == 2
+    runs = {x["name"]: x for x in res["runs"]}
+    a, b = runs["base"], runs["base s1"]
+    assert (a["config"]["seed"], b["config"]["seed"]) == (0, 1) and a["kept"] and b["kept"]
+    scores = [x["eval_none"]["isic2017-select"]["mel_auc"] for x in (a, b)]
+    assert a["select_mean"] == b["select_mean"] == sum(scores) / 2
+    assert runs["loso"]["config"]["seed"] == 0, "the finals train once, at the base seed"
+    assert "mean" in (out / "sweep.log").read_text() and "spread" in (out / "sweep.log").read_text()
+    bad = subprocess.run([sys.executable, "-m", "build_model.sweep", "--data", f"ham10000={ham}", "--holdout", "ham10000",
+                          "--out", str(tmp_path / "bad"), "--seeds", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "seeds must be at least 1" in bad.stderr
