@@ -10,14 +10,19 @@ from pathlib import Path
 from tests.build_fixtures import make_ham, make_isic_like
 
 
-def test_sweep_runs_steps_and_finals_within_its_budget_and_exports_them(tmp_path: Path) -> None:
+def _tiny_sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A sweep with tiny settings on tiny two-source fixtures, into tmp_path/sweep; 25 s of budget."""
     ham = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
     isic = make_isic_like(tmp_path / "isic", lesions_per_class=6)
-    out, export = tmp_path / "sweep", tmp_path / "export"
-    r = subprocess.run([sys.executable, "-m", "build_model.sweep", "--data", f"ham10000={ham}", "--data", f"isic2017={isic}",
-                        "--holdout", "isic2017", "--out", str(out), "--device", "cpu", "--batch-size", "8",
-                        "--image-size", "48", "--abl-epochs", "1", "--final-epochs", "1", "--min-final-epochs", "1",
-                        "--budget", "25", "--export", str(export)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "build_model.sweep", "--data", f"ham10000={ham}", "--data",
+                           f"isic2017={isic}", "--holdout", "isic2017", "--out", str(tmp_path / "sweep"), "--device",
+                           "cpu", "--batch-size", "8", "--image-size", "48", "--abl-epochs", "1", "--final-epochs", "1",
+                           "--min-final-epochs", "1", "--budget", "25", *extra], capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_runs_steps_and_finals_within_its_budget_and_exports_them(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    r = _tiny_sweep(tmp_path, "--export", str(export))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((export / "sweep.json").read_text())
     runs = {x["name"]: x for x in res["runs"]}
@@ -37,14 +42,9 @@ def test_sweep_runs_steps_and_finals_within_its_budget_and_exports_them(tmp_path
 def test_sweep_with_seeds_trains_each_step_at_every_seed_and_judges_the_mean(tmp_path: Path) -> None:
     """Two seeds of one recipe can differ more than a step gains (docs/generalisation.md, session 13): with
     --seeds 2 the base trains twice on the same split, and what the step is judged on is the mean."""
-    ham = make_ham(tmp_path / "ham", lesions_per_class=4, images_per_lesion=2)
-    isic = make_isic_like(tmp_path / "isic", lesions_per_class=6)
-    out = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "build_model.sweep", "--data", f"ham10000={ham}", "--data", f"isic2017={isic}",
-                        "--holdout", "isic2017", "--out", str(out), "--device", "cpu", "--batch-size", "8",
-                        "--image-size", "48", "--abl-epochs", "1", "--final-epochs", "1", "--min-final-epochs", "1",
-                        "--budget", "25", "--seeds", "2"], capture_output=True, text=True, timeout=600)
+    r = _tiny_sweep(tmp_path, "--seeds", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    out, ham = tmp_path / "sweep", tmp_path / "ham"
     res = json.loads((out / "sweep.json").read_text())
     assert res["seeds"] == 2
     runs = {x["name"]: x for x in res["runs"]}
